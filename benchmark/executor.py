@@ -1,0 +1,147 @@
+"""Run a sweep's trials, in this process or in a pool of worker processes.
+
+Importing torch, Lightning and MLflow takes several seconds, more than a small trial trains, so
+worker processes are started once per sweep and reused for every trial. Each worker gets an equal
+share of the CPU cores as torch threads, so parallel trials do not oversubscribe the machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Sequence
+
+import torch
+
+from benchmark.suite import TrialSpec
+from benchmark.trial import SweepContext, TrialResult, run_trial, worker_init
+
+logger = logging.getLogger(__name__)
+
+ResultCallback = Callable[[TrialResult], None]
+
+
+def available_cores() -> int:
+    """Return the CPU cores this process may use (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int) -> int:
+    return max(1, available_cores() // workers)
+
+
+def run_local(
+    trials: Sequence[TrialSpec],
+    context: SweepContext,
+    workers: int,
+    on_result: ResultCallback,
+    plugins: Sequence[str] = (),
+) -> None:
+    """Run ``trials`` and call ``on_result`` with each result as it arrives.
+
+    With one worker the trials run in this process. With more, a pool of ``workers`` processes
+    runs them; a worker that dies (killed, or crashed in native code) fails the trials it was
+    running, and the pool is restarted for the rest.
+    """
+    if workers == 1:
+        worker_init(threads_per_worker(1))
+        for spec in trials:
+            on_result(run_trial(spec, context))
+        return
+
+    pending = list(trials)
+    while pending:
+        remaining = _run_pool(pending, context, workers, on_result, plugins)
+        if len(remaining) == len(pending):
+            # No trial even started, so the workers cannot start: fail the rest, don't loop.
+            for spec in remaining:
+                on_result(TrialResult(
+                    spec.trial_hash, spec.name, "FAILED",
+                    error="Worker processes died before running any trial; run with "
+                    "`--workers 1` to see the error.",
+                ))
+            return
+        pending = remaining
+
+
+def _run_pool(
+    trials: list[TrialSpec],
+    context: SweepContext,
+    workers: int,
+    on_result: ResultCallback,
+    plugins: Sequence[str],
+) -> list[TrialSpec]:
+    """Run trials in one pool; return those that never started because the pool broke."""
+    # "spawn" gives each worker a clean interpreter: forking a process that has started torch's
+    # thread pools can deadlock.
+    context_mp = multiprocessing.get_context("spawn")
+    futures: dict[Future, TrialSpec] = {}
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context_mp,
+        initializer=_pool_worker_init,
+        initargs=(threads_per_worker(workers), tuple(plugins)),
+    ) as pool:
+        for spec in trials:
+            futures[pool.submit(run_trial, spec, context)] = spec
+
+        broken = False
+        not_started: list[TrialSpec] = []
+        for future in as_completed(futures):
+            spec = futures[future]
+            try:
+                on_result(future.result())
+            except BrokenProcessPool:
+                if not broken:
+                    logger.error("A worker process died; restarting the pool for the rest.")
+                broken = True
+                not_started.append(spec)
+            except Exception as error:  # An error while sending the result back.
+                on_result(TrialResult(spec.trial_hash, spec.name, "FAILED", error=repr(error)))
+
+    if not broken:
+        return []
+    return _split_lost_trials(not_started, context, on_result)
+
+
+def _split_lost_trials(
+    lost: list[TrialSpec], context: SweepContext, on_result: ResultCallback
+) -> list[TrialSpec]:
+    # A trial whose child run already exists was running when its worker died: record it as
+    # failed. The others never started and go back into the queue.
+    from mlflow.tracking import MlflowClient
+
+    from benchmark.tracking import PARENT_TAG, TRIAL_HASH_TAG
+
+    client = MlflowClient(context.tracking_uri)
+    retry = []
+    for spec in lost:
+        runs = client.search_runs(
+            [context.experiment_id],
+            filter_string=f"tags.{TRIAL_HASH_TAG} = '{spec.trial_hash}' and "
+            f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and attributes.status = 'RUNNING'",
+        )
+        if runs:
+            for run in runs:
+                client.set_tag(run.info.run_id, "error", "The worker process died.")
+                client.set_terminated(run.info.run_id, "FAILED")
+            on_result(
+                TrialResult(spec.trial_hash, spec.name, "FAILED", runs[0].info.run_id,
+                            error="The worker process running this trial died.")
+            )
+        else:
+            retry.append(spec)
+    return retry
+
+
+def _pool_worker_init(num_threads: int, plugins: tuple[str, ...]) -> None:
+    from benchmark.plugins import load_plugins
+
+    load_plugins(plugins)
+    worker_init(num_threads)
+    torch.set_num_interop_threads(1)

@@ -1,0 +1,180 @@
+"""Summaries of a sweep: mean and 95 % confidence interval over seeds, as tables and plots.
+
+For every task metric (``test/<task>/<metric>``), trials are grouped by dataset, grid point,
+budget and model. The interval is mean +- t(0.975, n - 1) * s / sqrt(n), with s the sample
+standard deviation over the n seeds; it is undefined (empty) for a single seed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import polars as pl
+from scipy import stats
+
+TASK_METRIC = re.compile(r"^test/(?P<task>[^/]+)/(?P<metric>[^/]+)$")
+GROUP_COLUMNS = ("dataset", "budget", "model")
+LOWER_IS_BETTER = {"mse", "loss"}
+
+
+@dataclass(frozen=True)
+class Report:
+    """The summary table (long format) and the files written for it."""
+
+    summary: pl.DataFrame
+    files: list[Path]
+    text: str
+
+
+def trial_frame(records: Sequence[dict[str, Any]]) -> pl.DataFrame:
+    """Build one row per finished trial from records with spec fields and final metrics.
+
+    Each record holds ``dataset``, ``model``, ``budget``, ``seed``, ``grid`` (a dict) and
+    ``metrics`` (a dict).
+    """
+    rows = []
+    for record in records:
+        row = {key: record[key] for key in ("dataset", "model", "budget", "seed")}
+        row.update({f"grid.{key}": value for key, value in record["grid"].items()})
+        row.update(record["metrics"])
+        rows.append(row)
+    return pl.DataFrame(rows) if rows else pl.DataFrame()
+
+
+def summarize(trials: pl.DataFrame) -> pl.DataFrame:
+    """Return mean, standard deviation, seed count and 95 % interval per group and task metric."""
+    metric_columns = [c for c in trials.columns if TASK_METRIC.match(c) and "/model/" not in c]
+    grid_columns = [c for c in trials.columns if c.startswith("grid.")]
+    keys = [*GROUP_COLUMNS[:1], *grid_columns, *GROUP_COLUMNS[1:]]
+
+    long = trials.unpivot(index=keys + ["seed"], on=metric_columns, variable_name="metric")
+    summary = (
+        long.drop_nulls("value")
+        .filter(pl.col("value").is_not_nan())
+        .group_by([*keys, "metric"], maintain_order=True)
+        .agg(
+            n=pl.len(),
+            mean=pl.col("value").mean(),
+            std=pl.col("value").std(ddof=1),
+        )
+    )
+    half_widths = [
+        _half_width(std, n) for std, n in zip(summary["std"].to_list(), summary["n"].to_list())
+    ]
+    return summary.with_columns(
+        pl.Series("ci95", half_widths, dtype=pl.Float64),
+    ).with_columns(
+        ci95_low=pl.col("mean") - pl.col("ci95"),
+        ci95_high=pl.col("mean") + pl.col("ci95"),
+    ).sort([*keys, "metric"])
+
+
+def _half_width(std: float | None, n: int) -> float:
+    if n < 2 or std is None or math.isnan(std):
+        return math.nan
+    return float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+
+
+def format_tables(summary: pl.DataFrame) -> str:
+    """Render one text table per dataset, budget and metric: models by grid point, mean +- CI."""
+    grid_columns = [c for c in summary.columns if c.startswith("grid.")]
+    blocks = []
+    for (dataset, budget, metric), group in summary.group_by(
+        ["dataset", "budget", "metric"], maintain_order=True
+    ):
+        better = "lower" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "higher"
+        title = f"{metric} on {dataset}, budget {budget:,} parameters ({better} is better)"
+        cells = group.with_columns(
+            cell=pl.struct("mean", "ci95").map_elements(
+                lambda row: _cell(row["mean"], row["ci95"]), return_dtype=pl.String
+            ),
+            point=_grid_label(grid_columns),
+        )
+        table = cells.pivot(on="point", index="model", values="cell", maintain_order=True)
+        blocks.append(f"{title}\n{_markdown(table)}")
+    return "\n\n".join(blocks)
+
+
+def _grid_label(grid_columns: list[str]) -> pl.Expr:
+    if not grid_columns:
+        return pl.lit("all")
+    parts = [pl.format(f"{c[len('grid.'):]}={{}}", pl.col(c).cast(pl.String)) for c in grid_columns]
+    return pl.concat_str(parts, separator=" ")
+
+
+def _cell(mean: float, half_width: float | None) -> str:
+    if half_width is None or math.isnan(half_width):
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {half_width:.4f}"
+
+
+def _markdown(table: pl.DataFrame) -> str:
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.iter_rows()]
+    return "\n".join([header, rule, *rows])
+
+
+def plot(summary: pl.DataFrame, path: Path, title: str) -> Path | None:
+    """Plot each task metric against the grid parameter: one line and 95 % band per model.
+
+    Makes one figure per dataset and budget, with one panel per metric. Returns None when the
+    grid has no single numeric parameter to put on the x axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid_columns = [c for c in summary.columns if c.startswith("grid.")]
+    if len(grid_columns) != 1 or not summary[grid_columns[0]].dtype.is_numeric():
+        return None
+    x_column = grid_columns[0]
+    metrics = summary["metric"].unique(maintain_order=True).to_list()
+
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for (model,), group in summary.filter(pl.col("metric") == metric).group_by(
+            ["model"], maintain_order=True
+        ):
+            group = group.sort(x_column)
+            x, mean = group[x_column].to_numpy(), group["mean"].to_numpy()
+            line = axis.plot(x, mean, marker="o", label=model)[0]
+            low, high = group["ci95_low"].to_numpy(), group["ci95_high"].to_numpy()
+            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        axis.set_xlabel(x_column[len("grid."):])
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_report(records: Sequence[dict[str, Any]], out_dir: Path, suite: str) -> Report:
+    """Summarize ``records`` and write the CSV, the markdown tables and the plots to ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trials = trial_frame(records)
+    if trials.is_empty():
+        return Report(pl.DataFrame(), [], "No finished trials to summarize.")
+
+    summary = summarize(trials)
+    files = [out_dir / "trials.csv", out_dir / "summary.csv", out_dir / "summary.md"]
+    trials.write_csv(files[0])
+    summary.write_csv(files[1])
+    text = format_tables(summary)
+    files[2].write_text(f"# Suite `{suite}`: test metrics, mean ± 95 % CI over seeds\n\n{text}\n")
+
+    for (dataset, budget), group in summary.group_by(["dataset", "budget"], maintain_order=True):
+        title = f"{suite}: {dataset}, budget {budget:,} parameters (mean, 95 % CI)"
+        figure = plot(group, out_dir / f"{dataset}_budget{budget}.png", title)
+        if figure is not None:
+            files.append(figure)
+    return Report(summary, files, text)

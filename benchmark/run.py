@@ -1,0 +1,188 @@
+"""Command line of the benchmark: ``python -m benchmark.run --suite correlation``.
+
+A sweep is one MLflow parent run with one nested child run per trial. Trials already finished in
+the store (same configuration hash) are skipped, so an interrupted sweep resumes where it stopped.
+At the end a summary table and plots go to ``results/<suite>/`` and to the parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+from benchmark.plugins import PluginError, load_plugins
+from benchmark.suite import SuiteError, TrialSpec, builtin_suites, load_suite, plan_trials
+
+logger = logging.getLogger("benchmark")
+
+EXIT_OK, EXIT_TRIALS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.run",
+        description="Train multi-task models over a suite's grid and seeds, log every trial to "
+        "MLflow and write summary tables and plots.",
+    )
+    parser.add_argument("--suite", default="correlation",
+                        help="built-in suite name or path to a .toml/.yaml suite file "
+                        "(default: %(default)s)")
+    parser.add_argument("--list", action="store_true",
+                        help="list the built-in suites, models and datasets, then exit")
+    parser.add_argument("--models", type=_csv, help="comma-separated models replacing the suite's")
+    parser.add_argument("--seeds", type=_csv_ints,
+                        help="comma-separated seeds replacing the suite's, e.g. 0,1,2")
+    parser.add_argument("--budgets", type=_csv_ints,
+                        help="comma-separated parameter budgets replacing the suite's")
+    parser.add_argument("--max-epochs", type=int, help="maximum training epochs per trial")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="trials run at once, each in its own process (default: 1, in this "
+                        "process)")
+    parser.add_argument("--tracking-uri",
+                        help="MLflow tracking URI (default: a SQLite store in the results folder)")
+    parser.add_argument("--results-dir", type=Path, default=Path("results"),
+                        help="folder for the store, tables and plots (default: %(default)s)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import a module that registers models or datasets; repeatable")
+    parser.add_argument("--dry-run", action="store_true", help="print the trial plan and exit")
+    parser.add_argument("--quick", action="store_true",
+                        help="apply the suite's quick overrides: a smoke test of about a minute")
+    parser.add_argument("--rerun", action="store_true",
+                        help="run trials again even if the store holds a finished run of them")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.workers < 1:
+        return _usage_error(f"--workers must be >= 1, got {args.workers}.")
+    if args.max_epochs is not None and args.max_epochs < 1:
+        return _usage_error(f"--max-epochs must be >= 1, got {args.max_epochs}.")
+
+    try:
+        load_plugins(args.plugin)
+        if args.list:
+            _print_listing()
+            return EXIT_OK
+        suite = load_suite(args.suite, quick=args.quick, overrides=_overrides(args))
+    except (SuiteError, PluginError) as error:
+        return _usage_error(str(error))
+
+    trials = plan_trials(suite)
+    if args.dry_run:
+        _print_plan(trials)
+        return EXIT_OK
+
+    from benchmark.sweep import SweepError, run_sweep
+
+    try:
+        outcome = run_sweep(
+            suite,
+            trials,
+            results_dir=args.results_dir,
+            tracking_uri=args.tracking_uri,
+            workers=args.workers,
+            rerun=args.rerun,
+            plugins=args.plugin,
+            tags=environment_tags(),
+            quick=args.quick,
+        )
+    except SweepError as error:
+        return _usage_error(str(error))
+    except KeyboardInterrupt:
+        print("Interrupted. Finished trials are kept; run the same command to resume.",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_TRIALS_FAILED if outcome.failures else EXIT_OK
+
+
+def environment_tags() -> dict[str, str]:
+    """Return package versions and the git commit of this project, where there is one."""
+    tags = {"version.python": platform.python_version()}
+    for package in ("mtl-bench", "torch", "pytorch-lightning", "mlflow", "numpy", "polars",
+                    "scikit-learn"):
+        try:
+            tags[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    commit = _git_commit(Path(__file__).resolve().parent)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git_commit(folder: Path) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder, capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for key in ("models", "seeds", "budgets"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.max_epochs is not None:
+        overrides["training"] = {"max_epochs": args.max_epochs}
+    return overrides
+
+
+def _print_listing() -> None:
+    from datasets import DATASETS
+    from models import MODELS
+
+    print("Suites:   " + ", ".join(sorted(builtin_suites())))
+    print("Models:   " + ", ".join(MODELS.names()))
+    print("Datasets: " + ", ".join(DATASETS.names()))
+
+
+def _print_plan(trials: list[TrialSpec]) -> None:
+    print(f"{len(trials)} trials:")
+    for index, spec in enumerate(trials, start=1):
+        print(f"{index:4d}  {spec.trial_hash}  {spec.name}")
+
+
+def _usage_error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _csv(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return values
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        return [int(value) for value in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""Suite files and the trial plan they expand to.
+
+A suite is a TOML or YAML file naming datasets and their parameter grids, models, parameter
+budgets, seeds and training settings. The built-in suites live in ``benchmark/suites/``; a user
+passes a path to run their own. A suite is validated whole before any trial runs: unknown keys,
+unknown model or dataset names, empty grids and out-of-range values raise :class:`SuiteError`
+naming the key.
+
+The optional ``quick`` table holds overrides, in the same layout as the suite, that ``--quick``
+merges in to shrink the suite to a smoke test.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import itertools
+import json
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from datasets import DATASETS
+from models import MODELS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+SUITE_SUFFIXES = (".toml", ".yaml", ".yml")
+
+
+class SuiteError(ValueError):
+    """A suite file that cannot be run, with the reason and the key at fault."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSection(_Strict):
+    """One dataset: fixed parameters plus a grid whose every combination is a sweep point."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_not_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not values:
+                raise ValueError(f"grid value list `{key}` is empty; give at least one value")
+        return grid
+
+
+class TrainingSection(_Strict):
+    """Training settings shared by every trial of the suite."""
+
+    max_epochs: int = Field(20, ge=1)  # upper bound on epochs; early stopping may end sooner
+    batch_size: int = Field(256, ge=1)  # samples per training step
+    eval_batch_size: int = Field(4096, ge=1)  # samples per validation or test step
+    learning_rate: float = Field(1e-3, gt=0)  # Adam step size
+    weight_decay: float = Field(0.0, ge=0)  # Adam L2 penalty
+    patience: int | None = Field(None, ge=1)  # epochs without validation gain before stopping
+
+
+class Suite(_Strict):
+    """A whole suite file, after defaults are filled in."""
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    datasets: list[DatasetSection] = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    model_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    budgets: list[int] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    quick: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_positive(cls, budgets: list[int]) -> list[int]:
+        for budget in budgets:
+            if budget < 1:
+                raise ValueError(f"budget {budget!r} is not a positive number of parameters")
+        return budgets
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_valid(cls, seeds: list[int]) -> list[int]:
+        for seed in seeds:
+            if seed < 0:
+                raise ValueError(f"seed {seed!r} is negative; seeds must be >= 0")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds {seeds} repeat a value; each seed must appear once")
+        return seeds
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial: a model trained at one budget and seed on one point of a dataset's grid."""
+
+    suite: str
+    dataset: str
+    dataset_params: dict[str, Any]
+    grid_point: dict[str, Any]
+    model: str
+    model_options: dict[str, Any]
+    budget: int
+    seed: int
+    training: dict[str, Any]
+    tags: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def config(self) -> dict[str, Any]:
+        """Return the resolved configuration that identifies the trial."""
+        return {
+            "dataset": {"name": self.dataset, "params": {**self.dataset_params, **self.grid_point}},
+            "model": {"name": self.model, "options": self.model_options},
+            "budget": self.budget,
+            "seed": self.seed,
+            "training": self.training,
+        }
+
+    @property
+    def trial_hash(self) -> str:
+        """A hash of :meth:`config`, the trial's identity across sweeps."""
+        canonical = json.dumps(self.config(), sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        point = " ".join(f"{key}={value}" for key, value in self.grid_point.items())
+        return f"{self.model} {self.dataset} {point} budget={self.budget} seed={self.seed}".replace(
+            "  ", " "
+        )
+
+
+def builtin_suites() -> dict[str, Path]:
+    """Return the built-in suite files by name."""
+    folder = resources.files("benchmark") / "suites"
+    return {
+        Path(str(item)).stem: Path(str(item))
+        for item in folder.iterdir()
+        if Path(str(item)).suffix in SUITE_SUFFIXES
+    }
+
+
+def resolve_suite_path(name_or_path: str) -> Path:
+    """Return the file of a built-in suite name, or ``name_or_path`` itself if it is a file."""
+    suites = builtin_suites()
+    if name_or_path in suites:
+        return suites[name_or_path]
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    raise SuiteError(
+        f"Suite {name_or_path!r} is neither a built-in suite ({', '.join(sorted(suites))}) nor "
+        f"an existing file. Pass a built-in name or the path of a .toml or .yaml suite file."
+    )
+
+
+def read_suite_file(path: Path) -> dict[str, Any]:
+    """Parse a suite file into plain data, by its suffix."""
+    if path.suffix not in SUITE_SUFFIXES:
+        raise SuiteError(
+            f"Suite file {str(path)!r} has suffix {path.suffix!r}; expected one of "
+            f"{', '.join(SUITE_SUFFIXES)}."
+        )
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise SuiteError(f"Suite file {str(path)!r} is not valid {path.suffix[1:].upper()}: {error}")
+    if not isinstance(data, dict):
+        raise SuiteError(f"Suite file {str(path)!r} must hold a table of keys at its top level.")
+    return data
+
+
+def load_suite(name_or_path: str, quick: bool = False, overrides: dict | None = None) -> Suite:
+    """Read, merge and validate a suite.
+
+    Args:
+        name_or_path: A built-in suite name or the path of a suite file.
+        quick: Merge the suite's ``quick`` overrides in.
+        overrides: Top-level values that replace the file's (from command-line options).
+
+    Raises:
+        SuiteError: If the file is missing, malformed or invalid; the message names the key.
+    """
+    path = resolve_suite_path(name_or_path)
+    data = read_suite_file(path)
+    data.setdefault("name", path.stem)
+    if quick:
+        data = _deep_merge(data, data.get("quick", {}))
+    for key, value in (overrides or {}).items():
+        if key == "training":
+            data["training"] = {**data.get("training", {}), **value}
+        else:
+            data[key] = value
+    return validate_suite(data, source=str(path))
+
+
+def validate_suite(data: dict[str, Any], source: str = "<suite>") -> Suite:
+    """Check a suite's structure, then every name and parameter against the registries."""
+    try:
+        suite = Suite.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"`{'.'.join(str(part) for part in issue['loc'])}`: {_describe(issue)}"
+            for issue in error.errors()
+        )
+        raise SuiteError(f"Invalid suite {source!r}: {problems}") from None
+
+    for index, model in enumerate(suite.models):
+        _lookup(MODELS, model, f"models[{index}]", source)
+    for model, options in suite.model_options.items():
+        if model not in suite.models:
+            raise SuiteError(
+                f"Invalid suite {source!r}: `model_options.{model}` names a model that is not in "
+                f"`models` ({', '.join(suite.models)}). Add it to `models` or remove its options."
+            )
+        _check_keywords(MODELS.get(model).factory, options, f"model_options.{model}", source,
+                        reserved=("input_dim", "task_dims", "width"))
+    for index, dataset in enumerate(suite.datasets):
+        entry = _lookup(DATASETS, dataset.name, f"datasets[{index}].name", source)
+        overlap = set(dataset.params) & set(dataset.grid)
+        if overlap:
+            raise SuiteError(
+                f"Invalid suite {source!r}: `datasets[{index}]` sets {sorted(overlap)} both in "
+                f"`params` and in `grid`. Keep each parameter in one of them."
+            )
+        for section in ("params", "grid"):
+            _check_keywords(entry.factory, getattr(dataset, section), f"datasets[{index}].{section}",
+                            source, reserved=("seed",))
+    return suite
+
+
+def plan_trials(suite: Suite) -> list[TrialSpec]:
+    """Expand a suite into its trials: datasets x grid points x budgets x models x seeds."""
+    training = suite.training.model_dump()
+    trials = []
+    for dataset in suite.datasets:
+        keys = list(dataset.grid)
+        for values in itertools.product(*(dataset.grid[key] for key in keys)):
+            grid_point = dict(zip(keys, values))
+            for budget, model, seed in itertools.product(suite.budgets, suite.models, suite.seeds):
+                trials.append(
+                    TrialSpec(
+                        suite=suite.name,
+                        dataset=dataset.name,
+                        dataset_params=copy.deepcopy(dataset.params),
+                        grid_point=grid_point,
+                        model=model,
+                        model_options=copy.deepcopy(suite.model_options.get(model, {})),
+                        budget=budget,
+                        seed=seed,
+                        training=dict(training),
+                    )
+                )
+    return trials
+
+
+def _lookup(registry, name: str, key: str, source: str):
+    try:
+        return registry.get(name)
+    except KeyError as error:
+        raise SuiteError(f"Invalid suite {source!r}: `{key}`: {error.args[0]}") from None
+
+
+def _check_keywords(factory, values: dict, key: str, source: str, reserved: tuple[str, ...]) -> None:
+    parameters = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    for name in values:
+        if name in reserved:
+            raise SuiteError(
+                f"Invalid suite {source!r}: `{key}.{name}` is set by the harness and cannot be "
+                f"given in a suite. Remove it."
+            )
+        if name not in parameters and not takes_any:
+            known = [p for p in parameters if p not in reserved and p != "self"]
+            raise SuiteError(
+                f"Invalid suite {source!r}: `{key}.{name}` is not a parameter of "
+                f"`{factory.__qualname__}`. Known parameters: {', '.join(known)}."
+            )
+
+
+def _describe(issue: dict) -> str:
+    if issue["type"] == "extra_forbidden":
+        return "unknown key; check its spelling against the documented suite keys"
+    if issue["type"] == "missing":
+        return "required key is missing"
+    return f"{issue['msg']} (got {issue.get('input')!r})"
+
+
+def _deep_merge(base: dict, overlay: dict) -> dict:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        elif key == "datasets" and isinstance(value, list) and isinstance(merged.get(key), list):
+            # Dataset overrides apply position by position, so a quick table can shrink one
+            # dataset's grid without repeating its name and other parameters.
+            merged[key] = [
+                _deep_merge(old, new) if isinstance(old, dict) and isinstance(new, dict) else new
+                for old, new in itertools.zip_longest(merged[key], value, fillvalue={})
+            ]
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,213 @@
+"""One sweep: the MLflow parent run, resuming, running the trials and the final report."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from mlflow.tracking import MlflowClient
+from tqdm import tqdm
+
+from benchmark.executor import run_local
+from benchmark.report import Report, write_report
+from benchmark.suite import Suite, TrialSpec
+from benchmark.tracking import (
+    SUITE_TAG,
+    RunLogger,
+    default_tracking_uri,
+    finished_runs,
+    get_or_create_experiment,
+    is_local_sqlite,
+)
+from benchmark.trial import SweepContext, TrialResult
+
+logger = logging.getLogger(__name__)
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot start, such as an unreachable tracking store."""
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep did: trials run, skipped and failed, and the report it wrote."""
+
+    parent_run_id: str
+    tracking_uri: str
+    ran: int = 0
+    skipped: int = 0
+    failures: list[TrialResult] = field(default_factory=list)
+    report: Report | None = None
+
+
+def experiment_name(suite: Suite) -> str:
+    return f"mtl-bench/{suite.name}"
+
+
+def run_sweep(
+    suite: Suite,
+    trials: Sequence[TrialSpec],
+    results_dir: Path,
+    tracking_uri: str | None = None,
+    workers: int = 1,
+    rerun: bool = False,
+    plugins: Sequence[str] = (),
+    tags: dict[str, str] | None = None,
+    quick: bool = False,
+) -> SweepOutcome:
+    """Run the trials of ``suite`` not yet finished in the store, then report on all of them.
+
+    Raises:
+        SweepError: If the tracking store cannot be opened.
+    """
+    results_dir = results_dir.resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking_uri or default_tracking_uri(results_dir)
+    tags = dict(tags or {})
+    client, experiment_id = _open_store(tracking_uri, experiment_name(suite))
+    _announce_store(tracking_uri, experiment_name(suite))
+
+    done = {} if rerun else finished_runs(client, experiment_id)
+    to_run = [spec for spec in trials if spec.trial_hash not in done]
+
+    parent = client.create_run(
+        experiment_id,
+        run_name=f"{suite.name} sweep" + (" (quick)" if quick else ""),
+        tags={**tags, SUITE_TAG: suite.name, "sweep": "parent"},
+    )
+    parent_id = parent.info.run_id
+    parent_logger = RunLogger(client, parent_id)
+    parent_logger.log_params({
+        "suite": suite.name, "quick": quick, "workers": workers,
+        "trials_planned": len(trials), "trials_skipped": len(trials) - len(to_run),
+    })
+    client.log_dict(parent_id, suite.model_dump(), "suite.json")
+
+    outcome = SweepOutcome(parent_id, tracking_uri, skipped=len(trials) - len(to_run))
+    if outcome.skipped:
+        print(f"Skipping {outcome.skipped} trial(s) already finished in the store "
+              f"(use --rerun to run them again).", file=sys.stderr)
+
+    context = SweepContext(tracking_uri, experiment_id, parent_id, tags)
+    try:
+        _execute(to_run, context, workers, plugins, outcome)
+    except BaseException:
+        client.set_terminated(parent_id, "KILLED")
+        raise
+
+    outcome.report = _report(client, experiment_id, suite, trials, results_dir, parent_id)
+    parent_logger.log_metrics({"trials_failed": len(outcome.failures), "trials_ran": outcome.ran})
+    client.set_terminated(parent_id, "FAILED" if outcome.failures else "FINISHED")
+    _print_summary(outcome, results_dir / suite.name)
+    return outcome
+
+
+def _open_store(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:
+    if tracking_uri.startswith(("http://", "https://")):
+        _check_server(tracking_uri)
+    try:
+        client = MlflowClient(tracking_uri)
+        return client, get_or_create_experiment(client, name, tracking_uri)
+    except Exception as error:
+        hint = (
+            "Check that the folder is writable."
+            if is_local_sqlite(tracking_uri)
+            else "Check that the MLflow server is running and that --tracking-uri is right."
+        )
+        raise SweepError(
+            f"Could not open the MLflow tracking store {tracking_uri!r}: "
+            f"{type(error).__name__}: {error}. {hint}"
+        ) from error
+
+
+def _check_server(tracking_uri: str, timeout: float = 10.0) -> None:
+    # MLflow's client retries a dead server with backoff for minutes; one direct request to the
+    # server's health endpoint fails in seconds.
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read()
+    except (OSError, urllib.error.URLError) as error:
+        raise SweepError(
+            f"Could not open the MLflow tracking store {tracking_uri!r}: {url} did not answer "
+            f"({error}). Check that the MLflow server is running and that --tracking-uri is right."
+        ) from error
+
+
+def _announce_store(tracking_uri: str, experiment: str) -> None:
+    print(f"MLflow tracking URI: {tracking_uri}  (experiment {experiment!r})", file=sys.stderr)
+    if is_local_sqlite(tracking_uri):
+        print(f"Browse it with: mlflow ui --backend-store-uri {tracking_uri}", file=sys.stderr)
+
+
+def _execute(
+    to_run: Sequence[TrialSpec],
+    context: SweepContext,
+    workers: int,
+    plugins: Sequence[str],
+    outcome: SweepOutcome,
+) -> None:
+    if not to_run:
+        return
+    bar = tqdm(total=len(to_run), unit="trial", desc="trials", file=sys.stderr,
+               dynamic_ncols=True)
+
+    def on_result(result: TrialResult) -> None:
+        outcome.ran += 1
+        if result.status != "FINISHED":
+            outcome.failures.append(result)
+            bar.write(f"FAILED {result.name}: {result.error}", file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(failed=len(outcome.failures))
+
+    try:
+        run_local(to_run, context, workers, on_result, plugins)
+    finally:
+        bar.close()
+
+
+def _report(
+    client: MlflowClient,
+    experiment_id: str,
+    suite: Suite,
+    trials: Sequence[TrialSpec],
+    results_dir: Path,
+    parent_id: str,
+) -> Report:
+    # The report reads the store back, so trials finished by an earlier, interrupted sweep count.
+    finished = finished_runs(client, experiment_id)
+    records = [_record(spec, finished[spec.trial_hash]) for spec in trials
+               if spec.trial_hash in finished]
+    report = write_report(records, results_dir / suite.name, suite.name)
+    for path in report.files:
+        client.log_artifact(parent_id, str(path), artifact_path="report")
+    return report
+
+
+def _record(spec: TrialSpec, run: Any) -> dict[str, Any]:
+    return {
+        "dataset": spec.dataset,
+        "model": spec.model,
+        "budget": spec.budget,
+        "seed": spec.seed,
+        "grid": spec.grid_point,
+        "metrics": dict(run.data.metrics),
+    }
+
+
+def _print_summary(outcome: SweepOutcome, out_dir: Path) -> None:
+    report = outcome.report
+    if report is not None and report.text:
+        print(report.text)
+        print(f"\nTables and plots written to {out_dir}")
+    print(f"Trials run: {outcome.ran}, skipped (already finished): {outcome.skipped}, "
+          f"failed: {len(outcome.failures)}.")
+    for failure in outcome.failures:
+        print(f"  FAILED {failure.name}: {failure.error}")
+    print(f"MLflow parent run: {outcome.parent_run_id} in {outcome.tracking_uri}")
+

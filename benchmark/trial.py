@@ -1,0 +1,245 @@
+"""Run one trial: build its data and model, train, select on validation, test once, log it all.
+
+A trial never raises for a problem of its own: it records the error on a FAILED MLflow run and
+returns a failed :class:`TrialResult`, so the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+
+from benchmark.suite import TrialSpec
+from benchmark.tracking import PARENT_TAG, SUITE_TAG, TRIAL_HASH_TAG, RunLogger
+from datasets import DATASETS, MultiTaskData, TensorBatches
+from models import MODELS, count_parameters, fit_budget
+from models.lightning import MultiTaskModule
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial of a sweep needs to know besides its own spec."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)  # package versions, git commit
+
+
+@dataclass
+class TrialResult:
+    """Outcome of one trial, as returned to the sweep."""
+
+    trial_hash: str
+    name: str
+    status: str  # "FINISHED" or "FAILED"
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+class BestEpoch(pl.Callback):
+    """Keep the weights of the epoch with the best validation selection score, in memory.
+
+    Model selection sees validation metrics only; the test split is evaluated once, later, on the
+    weights kept here. With ``patience`` set, training stops after that many epochs without gain.
+    """
+
+    def __init__(self, patience: int | None = None) -> None:
+        self.patience = patience
+        self.best_score = -math.inf
+        self.best_epoch = -1
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: MultiTaskModule) -> None:
+        score = module.epoch_metrics.get("val/selection_score", math.nan)
+        if self.best_state is None or score > self.best_score:
+            self.best_score = score if not math.isnan(score) else -math.inf
+            self.best_epoch = trainer.current_epoch
+            self.best_state = copy.deepcopy(module.model.state_dict())
+        elif self.patience is not None and trainer.current_epoch - self.best_epoch >= self.patience:
+            trainer.should_stop = True
+
+
+class EpochMetricsLogger(pl.Callback):
+    """Send each epoch's metrics to MLflow in one batch, with the epoch as the step."""
+
+    def __init__(self, run_logger: RunLogger) -> None:
+        self.run_logger = run_logger
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: MultiTaskModule) -> None:
+        self.run_logger.log_metrics(module.epoch_metrics, step=trainer.current_epoch)
+
+
+@lru_cache(maxsize=4)
+def _load_dataset_cached(name: str, seed: int, params_json: str) -> MultiTaskData:
+    import json
+
+    return DATASETS.build(name, seed=seed, **json.loads(params_json))
+
+
+def load_dataset(spec: TrialSpec) -> MultiTaskData:
+    """Build the trial's dataset; consecutive trials on the same data in one process share it."""
+    import json
+
+    params = {**spec.dataset_params, **spec.grid_point}
+    return _load_dataset_cached(spec.dataset, spec.seed, json.dumps(params, sort_keys=True))
+
+
+def run_trial(spec: TrialSpec, context: SweepContext) -> TrialResult:
+    """Run one trial and log it as a child run of the sweep; never raises for trial errors."""
+    result = TrialResult(spec.trial_hash, spec.name, "FAILED")
+    try:
+        client = MlflowClient(context.tracking_uri)
+        run = client.create_run(
+            context.experiment_id, run_name=spec.name, tags=_run_tags(spec, context)
+        )
+        result.run_id = run.info.run_id
+    except Exception as error:  # The store is unreachable: nothing can be logged for this trial.
+        result.error = f"Could not create an MLflow run at {context.tracking_uri!r}: {error}"
+        return result
+
+    run_logger = RunLogger(client, result.run_id)
+    try:
+        result.metrics = _train_and_test(spec, run_logger)
+        result.status = "FINISHED"
+        client.set_terminated(result.run_id, "FINISHED")
+    except Exception as error:
+        result.error = f"{type(error).__name__}: {error}"
+        _record_failure(client, result.run_id, traceback.format_exc(), result.error)
+    return result
+
+
+def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
+    started = time.perf_counter()
+    run_logger.log_config(spec.config())
+
+    data = load_dataset(spec)
+    _log_data_info(run_logger, data)
+
+    entry = MODELS.get(spec.model)
+    fit = fit_budget(entry, spec.budget, data.input_dim, data.task_dims, spec.model_options)
+    pl.seed_everything(spec.seed, workers=False, verbose=False)
+    model = entry.factory(
+        input_dim=data.input_dim, task_dims=data.task_dims, width=fit.width, **fit.options
+    )
+    parameters = count_parameters(model)
+    run_logger.log_params({"width": fit.width, **{f"fitted.{k}": v for k, v in fit.options.items()}})
+
+    training = spec.training
+    module = MultiTaskModule(
+        model, data.tasks, training["learning_rate"], training["weight_decay"]
+    )
+    best = BestEpoch(training["patience"])
+    trainer = _trainer(training["max_epochs"], [best, EpochMetricsLogger(run_logger)])
+    train_started = time.perf_counter()
+    trainer.fit(
+        module,
+        train_dataloaders=TensorBatches(
+            data.splits["train"], training["batch_size"], shuffle=True, seed=spec.seed
+        ),
+        val_dataloaders=TensorBatches(data.splits["val"], training["eval_batch_size"]),
+    )
+    train_seconds = time.perf_counter() - train_started
+
+    # The test split is evaluated once, on the weights that validation selected.
+    module.model.load_state_dict(best.best_state)
+    trainer.test(
+        module,
+        dataloaders=TensorBatches(data.splits["test"], training["eval_batch_size"]),
+        verbose=False,
+    )
+    diagnostics = getattr(module.model, "diagnostics", dict)()
+    final = {
+        **module.test_metrics,
+        **{f"test/model/{name}": value for name, value in diagnostics.items()},
+        "param_count": parameters,
+        "budget_error": (parameters - spec.budget) / spec.budget,
+        "best_epoch": best.best_epoch,
+        "epochs_trained": trainer.current_epoch,
+        "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    run_logger.log_metrics(final)
+    return final
+
+
+def _trainer(max_epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            max_epochs=max_epochs,
+            logger=False,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+
+
+def _run_tags(spec: TrialSpec, context: SweepContext) -> dict[str, str]:
+    tags = {
+        **context.tags,
+        TRIAL_HASH_TAG: spec.trial_hash,
+        SUITE_TAG: spec.suite,
+        "model": spec.model,
+        "dataset": spec.dataset,
+        "seed": str(spec.seed),
+        "budget": str(spec.budget),
+        **{f"grid.{key}": str(value) for key, value in spec.grid_point.items()},
+    }
+    if context.parent_run_id:
+        tags[PARENT_TAG] = context.parent_run_id
+    return tags
+
+
+def _log_data_info(run_logger: RunLogger, data: MultiTaskData) -> None:
+    numbers = {f"data/{k}": v for k, v in data.info.items() if isinstance(v, (int, float))}
+    texts = {f"data.{k}": v for k, v in data.info.items() if not isinstance(v, (int, float))}
+    numbers.update({f"data/{name}_size": len(split) for name, split in data.splits.items()})
+    run_logger.log_metrics(numbers)
+    if texts:
+        run_logger.log_params(texts)
+
+
+def _record_failure(client: MlflowClient, run_id: str, trace: str, summary: str) -> None:
+    try:
+        client.set_tag(run_id, "error", summary[:5000])
+        client.log_text(run_id, trace, "error.txt")
+        client.set_terminated(run_id, "FAILED")
+    except Exception:  # The store failed too: the error still reaches the sweep's summary.
+        logger.exception("Could not record the failure of run %s", run_id)
+
+
+def quiet_libraries() -> None:
+    """Silence Lightning's per-trial banners, which would flood a parallel sweep's output."""
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    warnings.filterwarnings("ignore", module="lightning_fabric")
+
+
+def worker_init(num_threads: int) -> None:
+    """Set up a worker process once: thread count, quiet logs, imports paid up front."""
+    torch.set_num_threads(max(1, num_threads))
+    quiet_libraries()
+
+
+def describe(result: TrialResult) -> dict[str, Any]:
+    return {"name": result.name, "status": result.status, "error": result.error}

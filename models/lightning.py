@@ -1,0 +1,202 @@
+"""The Lightning wrapper that trains any registered model on any dataset's tasks.
+
+It adds per-task losses, epoch-level metrics, the optimiser and the model's own regularisation
+terms (the L0 penalty of SNR) to a plain ``nn.Module``. Metrics are computed over whole epochs and
+handed out once per epoch through :attr:`MultiTaskModule.epoch_metrics`, named
+``{stage}/{task}/{metric}``; nothing is sent to a logger per step, which keeps the training loop
+close to the speed of a bare PyTorch loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import Tensor, nn
+from torch.nn import functional
+
+from datasets.base import Batch, TaskSpec
+
+logger = logging.getLogger(__name__)
+
+
+class SingleClassWarning(UserWarning):
+    """Raised as a warning when a split holds one class, so ROC AUC is undefined."""
+
+
+def task_loss(task: TaskSpec, output: Tensor, target: Tensor, weights: Tensor | None) -> Tensor:
+    """Return the mean loss of one task over a batch, weighted per sample when ``weights`` is set.
+
+    Regression uses squared error; binary classification uses BCE on logits.
+    """
+    if task.kind == "regression":
+        per_sample = functional.mse_loss(output, target, reduction="none").mean(dim=1)
+    else:
+        per_sample = functional.binary_cross_entropy_with_logits(
+            output, target, reduction="none"
+        ).mean(dim=1)
+    if weights is None:
+        return per_sample.mean()
+    return (per_sample * weights).sum() / weights.sum()
+
+
+def task_metrics(task: TaskSpec, outputs: Tensor, targets: Tensor) -> dict[str, float]:
+    """Compute one task's metrics over a whole split: MSE for regression, ROC AUC for binary."""
+    if task.kind == "regression":
+        return {"mse": float(functional.mse_loss(outputs.double(), targets.double()))}
+    return {"auc": roc_auc(targets.flatten().numpy(), outputs.flatten().double().numpy(), task.name)}
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray, task_name: str) -> float:
+    """Return ROC AUC, or NaN with a :class:`SingleClassWarning` when ``labels`` hold one class."""
+    if np.unique(labels).size < 2:
+        warnings.warn(
+            f"Task {task_name!r}: the split holds only one class, so ROC AUC is undefined and "
+            f"reported as NaN. Use a larger split or another split seed.",
+            SingleClassWarning,
+            stacklevel=2,
+        )
+        return math.nan
+    return float(roc_auc_score(labels, scores))
+
+
+def selection_score(tasks: Sequence[TaskSpec], metrics: dict[str, float], stage: str) -> float:
+    """Return the score that model selection maximises: the mean over tasks of AUC for binary
+    tasks and of minus MSE for regression tasks. Tasks whose metric is NaN are left out."""
+    values = []
+    for task in tasks:
+        if task.kind == "regression":
+            values.append(-metrics[f"{stage}/{task.name}/mse"])
+        else:
+            values.append(metrics[f"{stage}/{task.name}/auc"])
+    finite = [value for value in values if not math.isnan(value)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+class MultiTaskModule(pl.LightningModule):
+    """Train a multi-task ``nn.Module`` with per-task losses and epoch-level metrics.
+
+    Args:
+        model: Maps a (B, F) batch to a list of T tensors of shape (B, O_t).
+        tasks: The dataset's tasks, in the model's output order.
+        learning_rate: Adam learning rate.
+        weight_decay: Adam weight decay.
+
+    Attributes:
+        epoch_metrics: After each validation epoch, the training and validation metrics of that
+            epoch (train loss terms averaged over its batches), plus the model's diagnostics.
+        test_metrics: After a test run, the test metrics.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: Sequence[TaskSpec],
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = tuple(tasks)
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.epoch_metrics: dict[str, float] = {}
+        self.test_metrics: dict[str, float] = {}
+        self._train_sums: dict[str, Tensor] = {}
+        self._train_batches = 0
+        self._eval_outputs: list[list[Tensor]] = []
+        self._eval_targets: list[list[Tensor]] = []
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.model(x)
+
+    def training_step(self, batch: Batch, batch_index: int) -> Tensor:
+        features, targets, weights = batch
+        outputs = self.model(features)
+        _check_outputs(outputs, self.tasks)
+
+        terms = {
+            f"{task.name}/loss": task_loss(task, output, target, weights)
+            for task, output, target in zip(self.tasks, outputs, targets)
+        }
+        regularization = getattr(self.model, "regularization_losses", dict)()
+        terms.update(regularization)
+        loss = torch.stack(list(terms.values())).sum()
+
+        # Running sums stay on the device, detached; they are read once per epoch.
+        terms["loss"] = loss
+        for name, value in terms.items():
+            detached = value.detach()
+            self._train_sums[name] = self._train_sums.get(name, 0.0) + detached
+        self._train_batches += 1
+        return loss
+
+    def validation_step(self, batch: Batch, batch_index: int) -> None:
+        self._collect(batch)
+
+    def test_step(self, batch: Batch, batch_index: int) -> None:
+        self._collect(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._reset_collected()
+
+    def on_test_epoch_start(self) -> None:
+        self._reset_collected()
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        metrics = {
+            f"train/{name}": float(total) / max(self._train_batches, 1)
+            for name, total in self._train_sums.items()
+        }
+        self._train_sums, self._train_batches = {}, 0
+
+        metrics.update(self._split_metrics("val"))
+        metrics["val/selection_score"] = selection_score(self.tasks, metrics, "val")
+        diagnostics = getattr(self.model, "diagnostics", dict)()
+        metrics.update({f"model/{name}": float(value) for name, value in diagnostics.items()})
+        self.epoch_metrics = metrics
+
+    def on_test_epoch_end(self) -> None:
+        self.test_metrics = self._split_metrics("test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+
+    def _collect(self, batch: Batch) -> None:
+        features, targets, _ = batch
+        outputs = self.model(features)
+        _check_outputs(outputs, self.tasks)
+        self._eval_outputs.append([output.detach().float().cpu() for output in outputs])
+        self._eval_targets.append([target.cpu() for target in targets])
+
+    def _reset_collected(self) -> None:
+        self._eval_outputs, self._eval_targets = [], []
+
+    def _split_metrics(self, stage: str) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for index, task in enumerate(self.tasks):
+            outputs = torch.cat([batch[index] for batch in self._eval_outputs])
+            targets = torch.cat([batch[index] for batch in self._eval_targets])
+            for name, value in task_metrics(task, outputs, targets).items():
+                metrics[f"{stage}/{task.name}/{name}"] = value
+        self._reset_collected()
+        return metrics
+
+
+def _check_outputs(outputs: Any, tasks: Sequence[TaskSpec]) -> None:
+    if not isinstance(outputs, (list, tuple)) or len(outputs) != len(tasks):
+        count = len(outputs) if isinstance(outputs, (list, tuple)) else type(outputs).__name__
+        raise ValueError(
+            f"The model returned {count} outputs for {len(tasks)} tasks. A model's forward must "
+            f"return a list with one (batch, output_dim) tensor per task."
+        )

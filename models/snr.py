@@ -1,0 +1,210 @@
+"""Sub-Network Routing (SNR-Trans and SNR-Aver).
+
+Ma, Zhao, Chen, Li, Hong and Chi, "SNR: Sub-Network Routing for Flexible Parameter Sharing in
+Multi-Task Learning", AAAI 2019 (https://doi.org/10.1609/aaai.v33i01.3301216).
+
+The shared bottom is split into layers of sub-networks. Every connection from sub-network j of
+one layer to sub-network i of the next carries a scalar coding variable z_ij, a hard-concrete gate
+(see :class:`models.layers.HardConcreteGate`). With u_j the output of lower sub-network j:
+
+- SNR-Trans: v_i = sum_j z_ij W_ij u_j, with a learned matrix W_ij per connection.
+- SNR-Aver:  v_i = sum_j z_ij u_j.
+
+In both, the top layer of sub-networks routes to the task towers the same way, with one coding
+variable per (task, sub-network) pair, so different tasks receive different inputs. Training adds
+``l0_strength`` times the expected number of open connections to the loss; connections whose gate
+settles at exactly 0 can be removed for serving.
+
+How v_i becomes the output of upper sub-network i: in SNR-Trans the matrices W_ij are that
+sub-network's weights, split by incoming connection, so u_i = ReLU(v_i + b_i). In SNR-Aver the
+upper sub-network has its own layer, u_i = ReLU(A_i v_i + b_i). A tower's input is v_t itself.
+Both variants therefore have one hidden layer per layer of sub-networks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from models import register_model
+from models.base import MultiTaskModel
+from models.layers import MLP, HardConcreteGate
+from models.shared_bottom import _check_positive
+
+
+class Routing(nn.Module):
+    """Gated connections from J lower sub-networks to I upper units: (B, J, D) -> (B, I, H).
+
+    Args:
+        num_lower: J, sub-networks below.
+        num_upper: I, sub-networks (or towers) above.
+        lower_dim: D, output size of each lower sub-network.
+        upper_dim: H, output size of each upper unit.
+        transform: True for SNR-Trans (a matrix per connection); False for SNR-Aver (only the
+            gated average, then ``upper_dim`` must equal ``lower_dim``).
+        gate_options: Keyword arguments of :class:`HardConcreteGate`.
+    """
+
+    def __init__(
+        self,
+        num_lower: int,
+        num_upper: int,
+        lower_dim: int,
+        upper_dim: int,
+        transform: bool,
+        gate_options: dict,
+    ) -> None:
+        super().__init__()
+        if not transform and upper_dim != lower_dim:
+            raise ValueError(
+                f"Routing without transform keeps the width; got lower_dim={lower_dim} and "
+                f"upper_dim={upper_dim}."
+            )
+        self.gate = HardConcreteGate((num_upper, num_lower), **gate_options)
+        self.weight: nn.Parameter | None = None
+        if transform:
+            # Each upper unit sums J transformed inputs, so its fan-in is J * D.
+            bound = 1.0 / math.sqrt(num_lower * lower_dim)
+            weight = torch.empty(num_upper, num_lower, upper_dim, lower_dim).uniform_(-bound, bound)
+            self.weight = nn.Parameter(weight)  # (I, J, H, D)
+
+    def forward(self, lower: Tensor) -> Tensor:
+        z = self.gate()  # (I, J)
+        if self.weight is None:
+            return torch.einsum("ij,bjd->bid", z, lower)  # (B, I, D)
+        return torch.einsum("ij,ijhd,bjd->bih", z, self.weight, lower)  # (B, I, H)
+
+
+class SubNetworkLayer(nn.Module):
+    """The layer of I upper sub-networks fed by a :class:`Routing`: (B, J, D) -> (B, I, D)."""
+
+    def __init__(
+        self, num_lower: int, num_upper: int, width: int, transform: bool, gate_options: dict
+    ) -> None:
+        super().__init__()
+        self.routing = Routing(num_lower, num_upper, width, width, transform, gate_options)
+        self.bias = nn.Parameter(torch.zeros(num_upper, width))  # (I, D)
+        self.weight: nn.Parameter | None = None
+        if not transform:
+            bound = 1.0 / math.sqrt(width)
+            weight = torch.empty(num_upper, width, width).uniform_(-bound, bound)
+            self.weight = nn.Parameter(weight)  # (I, D_out, D_in)
+
+    def forward(self, lower: Tensor) -> Tensor:
+        routed = self.routing(lower)  # (B, I, D)
+        if self.weight is not None:
+            routed = torch.einsum("ihd,bid->bih", self.weight, routed)  # (B, I, D)
+        return torch.relu(routed + self.bias)
+
+
+class SNR(MultiTaskModel):
+    """Sub-networks in layers, connected and routed to task towers by hard-concrete gates.
+
+    Args:
+        input_dim: Number of input features F.
+        task_dims: Output size of each task head.
+        width: Hidden units D of every sub-network.
+        subnetworks: Number of sub-networks in each layer, bottom first.
+        tower_hidden: Hidden units of each task tower.
+        transform: True for SNR-Trans, False for SNR-Aver.
+        l0_strength: lambda, the weight of the expected-L0 penalty in the training loss.
+        gate_beta: Temperature beta of the hard-concrete gates.
+        gate_gamma: Lower stretch limit gamma (< 0).
+        gate_zeta: Upper stretch limit zeta (> 1).
+        gate_init: Initial ``log_alpha`` of every gate.
+    """
+
+    def __init__(
+        self,
+        input_dim: int,
+        task_dims: Sequence[int],
+        width: int = 32,
+        subnetworks: Sequence[int] = (3, 3),
+        tower_hidden: int = 16,
+        transform: bool = True,
+        l0_strength: float = 1e-3,
+        gate_beta: float = 2.0 / 3.0,
+        gate_gamma: float = -0.1,
+        gate_zeta: float = 1.1,
+        gate_init: float = 2.0,
+    ) -> None:
+        super().__init__()
+        subnetworks = list(subnetworks)
+        _check_positive(width=width, tower_hidden=tower_hidden, layers=len(subnetworks))
+        _check_positive(**{f"subnetworks[{i}]": n for i, n in enumerate(subnetworks)})
+        if l0_strength < 0:
+            raise ValueError(f"`l0_strength` must be >= 0, got {l0_strength!r}.")
+        gate_options = dict(beta=gate_beta, gamma=gate_gamma, zeta=gate_zeta, init_log_alpha=gate_init)
+
+        self.l0_strength = l0_strength
+        self.first_layer = nn.ModuleList(MLP(input_dim, [width]) for _ in range(subnetworks[0]))
+        self.layers = nn.ModuleList(
+            SubNetworkLayer(lower, upper, width, transform, gate_options)
+            for lower, upper in zip(subnetworks, subnetworks[1:])
+        )
+        self.task_routing = Routing(
+            subnetworks[-1], len(task_dims), width, width, transform, gate_options
+        )
+        self.towers = nn.ModuleList(MLP(width, [tower_hidden], dim) for dim in task_dims)
+
+    def gates(self) -> list[HardConcreteGate]:
+        """Return the coding-variable gates, bottom layer first and task routing last."""
+        return [layer.routing.gate for layer in self.layers] + [self.task_routing.gate]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        hidden = torch.stack([subnet(x) for subnet in self.first_layer], dim=1)  # (B, J, D)
+        for layer in self.layers:
+            hidden = layer(hidden)  # (B, I, D)
+
+        tower_inputs = self.task_routing(hidden)  # (B, T, D)
+        return [tower(tower_inputs[:, task]) for task, tower in enumerate(self.towers)]
+
+    def expected_l0(self) -> Tensor:
+        """Return the expected number of open connections over all gates."""
+        return sum(gate.expected_l0() for gate in self.gates())
+
+    def regularization_losses(self) -> dict[str, Tensor]:
+        return {"l0_penalty": self.l0_strength * self.expected_l0()}
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """Return the fraction of connections whose evaluation-mode gate is above 0."""
+        open_count, total = 0, 0
+        for gate in self.gates():
+            z = _evaluation_gate(gate)
+            open_count += int((z > 0).sum())
+            total += z.numel()
+        return {"open_connections": float(open_count), "open_fraction": open_count / total}
+
+
+def _evaluation_gate(gate: HardConcreteGate) -> Tensor:
+    was_training = gate.training
+    gate.eval()
+    z = gate()
+    gate.train(was_training)
+    return z
+
+
+@register_model("snr_trans", fine_knob="tower_hidden")
+def snr_trans(
+    input_dim: int, task_dims: Sequence[int], width: int = 32, tower_hidden: int = 16, **options
+) -> SNR:
+    """Build SNR-Trans: a learned matrix on every gated connection.
+
+    Example:
+        >>> model = snr_trans(input_dim=10, task_dims=(1, 1), width=8, subnetworks=(2, 2))
+        >>> [gate.log_alpha.shape for gate in model.gates()]
+        [torch.Size([2, 2]), torch.Size([2, 2])]
+    """
+    return SNR(input_dim, task_dims, width, tower_hidden=tower_hidden, transform=True, **options)
+
+
+@register_model("snr_aver", fine_knob="tower_hidden")
+def snr_aver(
+    input_dim: int, task_dims: Sequence[int], width: int = 32, tower_hidden: int = 16, **options
+) -> SNR:
+    """Build SNR-Aver: gated averages of sub-network outputs, no per-connection matrices."""
+    return SNR(input_dim, task_dims, width, tower_hidden=tower_hidden, transform=False, **options)

@@ -1,0 +1,125 @@
+"""Suite files: loading, quick overrides, the trial plan and every documented error."""
+
+import pytest
+
+from benchmark.suite import SuiteError, builtin_suites, load_suite, plan_trials
+
+from .conftest import write_suite
+
+
+def test_builtin_correlation_suite_plan():
+    suite = load_suite("correlation")
+    trials = plan_trials(suite)
+    assert {"single_task", "shared_bottom", "omoe", "mmoe", "snr_trans", "snr_aver"} <= set(
+        suite.models
+    )
+    correlations = sorted({t.grid_point["correlation"] for t in trials})
+    assert {0.5, 0.7, 0.9, 1.0} <= set(correlations)
+    assert len(suite.budgets) == 1 and len(suite.seeds) >= 3
+    assert len(trials) == len(suite.models) * len(correlations) * len(suite.seeds)
+    assert len({t.trial_hash for t in trials}) == len(trials)
+
+
+def test_quick_overrides_shrink_suite():
+    full, quick = load_suite("correlation"), load_suite("correlation", quick=True)
+    assert len(plan_trials(quick)) < len(plan_trials(full))
+    assert quick.training.max_epochs < full.training.max_epochs
+    assert quick.datasets[0].name == "synthetic"
+    assert quick.datasets[0].params["n_train"] < full.datasets[0].params["n_train"]
+
+
+def test_trial_hash_depends_on_configuration_only(suite_file):
+    first = plan_trials(load_suite(str(suite_file)))
+    second = plan_trials(load_suite(str(suite_file)))
+    assert [t.trial_hash for t in first] == [t.trial_hash for t in second]
+    longer = plan_trials(load_suite(str(suite_file), overrides={"training": {"max_epochs": 3}}))
+    assert not {t.trial_hash for t in first} & {t.trial_hash for t in longer}
+
+
+def test_yaml_suite(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(
+        "name: mine\nmodels: [mmoe]\nbudgets: [2000]\nseeds: [0]\n"
+        "datasets:\n  - name: synthetic\n    grid: {correlation: [0.1, 0.2]}\n"
+    )
+    assert len(plan_trials(load_suite(str(path)))) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("typo_key = 1\n", r"`typo_key`: unknown key"),
+    ("[training]\nmax_epoch = 3\n", r"`training.max_epoch`: unknown key"),
+    ("[training]\nmax_epochs = 0\n", r"`training.max_epochs`: .*greater than or equal to 1"),
+])
+def test_unknown_and_bad_keys_named(tmp_path, extra, message):
+    base = "name = 'x'\nmodels = ['mmoe']\nbudgets = [2000]\nseeds = [0]\n"
+    datasets = "[[datasets]]\nname = 'synthetic'\n"
+    path = tmp_path / "bad.toml"
+    path.write_text(base + (extra if not extra.startswith("[") else "") + datasets
+                    + (extra if extra.startswith("[") else ""))
+    with pytest.raises(SuiteError, match=message):
+        load_suite(str(path))
+
+
+def test_unknown_model_named(tmp_path):
+    path = write_suite(tmp_path, models=("mmoe", "mmeo"))
+    with pytest.raises(SuiteError, match=r"`models\[1\]`: Unknown model 'mmeo'.*Did you mean"):
+        load_suite(str(path))
+
+
+def test_empty_grid_rejected(tmp_path):
+    path = write_suite(tmp_path, correlations=())
+    with pytest.raises(SuiteError, match=r"`datasets.0.grid`: .*`correlation` is empty"):
+        load_suite(str(path))
+
+
+def test_empty_models_rejected(tmp_path):
+    path = write_suite(tmp_path, models=())
+    with pytest.raises(SuiteError, match=r"`models`: .*at least 1 item"):
+        load_suite(str(path))
+
+
+def test_unknown_dataset_parameter_named(tmp_path):
+    path = write_suite(tmp_path)
+    path.write_text(path.read_text().replace("num_sines = 2", "num_sine = 2"))
+    with pytest.raises(SuiteError, match=r"`datasets\[0\].params.num_sine` is not a parameter"):
+        load_suite(str(path))
+
+
+def test_model_options_for_unlisted_model(tmp_path):
+    path = write_suite(tmp_path, extra="[model_options.snr_trans]\nl0_strength = 0.1\n")
+    with pytest.raises(SuiteError, match=r"`model_options.snr_trans` names a model that is not"):
+        load_suite(str(path))
+
+
+def test_unknown_model_option_named(tmp_path):
+    path = write_suite(tmp_path, models=("shared_bottom",),
+                       extra="[model_options.shared_bottom]\nexperts = 3\n")
+    with pytest.raises(SuiteError, match=r"`model_options.shared_bottom.experts` is not a param"):
+        load_suite(str(path))
+
+
+def test_negative_budget_and_repeated_seed(tmp_path):
+    path = write_suite(tmp_path, seeds=(1, 1))
+    with pytest.raises(SuiteError, match=r"`seeds`: .*repeat"):
+        load_suite(str(path))
+    path = write_suite(tmp_path)
+    path.write_text(path.read_text().replace("budgets = [3000]", "budgets = [-5]"))
+    with pytest.raises(SuiteError, match=r"`budgets`: .*-5"):
+        load_suite(str(path))
+
+
+def test_missing_suite_and_bad_syntax(tmp_path):
+    with pytest.raises(SuiteError, match="'nope' is neither a built-in suite"):
+        load_suite("nope")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("models = [\n")
+    with pytest.raises(SuiteError, match="is not valid TOML"):
+        load_suite(str(broken))
+    other = tmp_path / "suite.json"
+    other.write_text("{}")
+    with pytest.raises(SuiteError, match="expected one of .toml"):
+        load_suite(str(other))
+
+
+def test_builtin_suites_listed():
+    assert "correlation" in builtin_suites()

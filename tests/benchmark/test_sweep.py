@@ -1,0 +1,158 @@
+"""End-to-end sweeps into a temporary SQLite store, checked by reading the store back."""
+
+import csv
+import json
+import math
+
+import pytest
+
+from benchmark.run import main
+
+from .conftest import store_runs, write_suite
+
+FAILING_PLUGIN = '''
+import torch
+from models import register_model
+from models.shared_bottom import SharedBottom
+
+
+@register_model("exploding", override=True)
+class Exploding(SharedBottom):
+    def forward(self, x):
+        raise RuntimeError("exploded on purpose")
+'''
+
+
+def run(suite_file, results, *extra):
+    return main(["--suite", str(suite_file), "--results-dir", str(results), *extra])
+
+
+def test_sweep_logs_every_trial_and_report(tmp_path, suite_file, capsys):
+    results = tmp_path / "results"
+    assert run(suite_file, results) == 0
+
+    client, parents, children = store_runs(results)
+    assert len(parents) == 1 and len(children) == 2 * 2 * 2
+    parent = parents[0]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {"model", "dataset", "seed", "trial_hash", "version.torch"} <= set(child.data.tags)
+        metrics = child.data.metrics
+        assert {"test/task1/mse", "test/task2/mse", "param_count", "wall_seconds"} <= set(metrics)
+        assert abs(metrics["param_count"] - 3000) / 3000 <= 0.02
+        assert child.data.params["model.name"] == child.data.tags["model"]
+        history = client.get_metric_history(child.info.run_id, "val/task1/mse")
+        assert [m.step for m in history] == [0, 1]
+        config = json.loads(open(client.download_artifacts(child.info.run_id, "config.json")).read())
+        assert config["training"]["max_epochs"] == 2
+
+    report = results / "tiny"
+    with open(report / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["model"] for row in rows} == {"shared_bottom", "mmoe"}
+    assert {row["metric"] for row in rows} == {"test/task1/mse", "test/task2/mse"}
+    assert all(row["n"] == "2" for row in rows)
+    assert (report / "synthetic_budget3000.png").stat().st_size > 0
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/summary.csv", "report/synthetic_budget3000.png"} <= artifacts
+
+    output = capsys.readouterr()
+    assert "mlflow ui --backend-store-uri sqlite:///" in output.err
+    assert "test/task1/mse on synthetic" in output.out
+
+
+def test_report_values_match_store(tmp_path, suite_file):
+    results = tmp_path / "results"
+    run(suite_file, results)
+    _, _, children = store_runs(results)
+    values = [c.data.metrics["test/task2/mse"] for c in children
+              if c.data.tags["model"] == "mmoe" and c.data.tags["grid.correlation"] == "0.5"]
+    mean = sum(values) / 2
+    with open(results / "tiny" / "summary.csv") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["model"] == "mmoe"
+                   and r["grid.correlation"] == "0.5" and r["metric"] == "test/task2/mse")
+    assert float(row["mean"]) == pytest.approx(mean)
+    # 95 % interval for two seeds: t(0.975, 1) = 12.706 times |a - b| / 2.
+    assert float(row["ci95"]) == pytest.approx(12.7062047 * abs(values[0] - values[1]) / 2,
+                                               rel=1e-6)
+
+
+def test_resume_skips_finished_trials(tmp_path, suite_file, capsys):
+    results = tmp_path / "results"
+    first = write_suite(tmp_path, seeds=(0,))
+    assert run(first, results) == 0
+    second = write_suite(tmp_path, seeds=(0, 1))
+    assert run(second, results) == 0
+    _, parents, children = store_runs(results)
+    assert len(parents) == 2
+    assert len(children) == 8  # 4 from the first sweep, 4 new ones for seed 1
+    assert "Skipping 4 trial(s)" in capsys.readouterr().err
+
+    assert run(second, results, "--rerun") == 0
+    assert len(store_runs(results)[2]) == 16
+
+
+def test_failing_trial_is_isolated(tmp_path, capsys):
+    plugin = tmp_path / "exploding_plugin.py"
+    plugin.write_text(FAILING_PLUGIN)
+    suite = write_suite(tmp_path, models=("exploding", "shared_bottom"), seeds=(0,),
+                        correlations=(0.5,))
+    results = tmp_path / "results"
+    assert run(suite, results, "--plugin", str(plugin)) == 1
+
+    client, parents, children = store_runs(results)
+    status = {c.data.tags["model"]: c for c in children}
+    assert status["shared_bottom"].info.status == "FINISHED"
+    failed = status["exploding"]
+    assert failed.info.status == "FAILED"
+    assert "exploded on purpose" in failed.data.tags["error"]
+    trace = open(client.download_artifacts(failed.info.run_id, "error.txt")).read()
+    assert "RuntimeError: exploded on purpose" in trace
+    assert parents[0].info.status == "FAILED"
+    out = capsys.readouterr().out
+    assert "failed: 1" in out and "FAILED exploding" in out
+
+
+@pytest.mark.slow
+def test_two_workers_share_fresh_store(tmp_path):
+    results = tmp_path / "results"
+    suite = write_suite(tmp_path, models=("shared_bottom", "mmoe", "omoe"), seeds=(0, 1))
+    assert run(suite, results, "--workers", "2") == 0
+    client, parents, children = store_runs(results)
+    assert len(parents) == 1 and len(children) == 12
+    assert all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "train/loss")
+        assert len(history) == 2
+        assert math.isfinite(child.data.metrics["test/task1/mse"])
+
+
+def test_list_and_dry_run(tmp_path, suite_file, capsys):
+    assert main(["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "correlation" in listing and "snr_trans" in listing and "synthetic" in listing
+
+    results = tmp_path / "results"
+    assert run(suite_file, results, "--dry-run", "--models", "mmoe", "--seeds", "3") == 0
+    plan = capsys.readouterr().out
+    assert plan.startswith("2 trials:")
+    assert "mmoe synthetic correlation=0.5 budget=3000 seed=3" in plan
+    assert not (results / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--models", "nope"], "Unknown model 'nope'"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--max-epochs", "0"], "--max-epochs must be >= 1, got 0"),
+    (["--plugin", "no_such_module_xyz"], "Plugin module 'no_such_module_xyz' was not found"),
+])
+def test_bad_arguments_explained(tmp_path, suite_file, capsys, arguments, message):
+    assert run(suite_file, tmp_path / "results", *arguments) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreachable_tracking_server_explained(tmp_path, suite_file, capsys):
+    code = run(suite_file, tmp_path / "results", "--tracking-uri", "http://127.0.0.1:9")
+    assert code == 2
+    assert "Could not open the MLflow tracking store 'http://127.0.0.1:9'" in capsys.readouterr().err
