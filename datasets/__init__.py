@@ -13,6 +13,7 @@ DATASETS: Registry = Registry("dataset", entry_point_group="mtl_bench.datasets")
 register_dataset = DATASETS.register
 
 from datasets import synthetic  # noqa: E402  (registers the built-in adapters)
+from datasets import census  # noqa: E402
 
 __all__ = [
     "DATASETS",
