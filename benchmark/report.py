@@ -73,14 +73,39 @@ def summarize(trials: pl.DataFrame) -> pl.DataFrame:
     ).sort([*keys, "metric"])
 
 
+def paired_differences(trials: pl.DataFrame, baseline: str) -> pl.DataFrame:
+    """Return each model's difference to ``baseline``, paired by seed, with a 95 % interval.
+
+    For every seed the baseline's value is subtracted from the model's value on the same dataset,
+    grid point, budget and seed, so the seed-to-seed spread of the data itself cancels out. The
+    result has the layout of :func:`summarize`, with the differences as values.
+    """
+    metric_columns = [c for c in trials.columns if TASK_METRIC.match(c) and "/model/" not in c]
+    grid_columns = [c for c in trials.columns if c.startswith("grid.")]
+    keys = ["dataset", *grid_columns, "budget", "seed"]
+    reference = trials.filter(pl.col("model") == baseline).select(
+        keys + [pl.col(c).alias(f"{c}@baseline") for c in metric_columns]
+    )
+    paired = trials.filter(pl.col("model") != baseline).join(reference, on=keys, how="inner")
+    differences = paired.select(
+        keys + ["model"] + [(pl.col(c) - pl.col(f"{c}@baseline")).alias(c) for c in metric_columns]
+    )
+    if differences.is_empty():
+        return pl.DataFrame()
+    return summarize(differences)
+
+
 def _half_width(std: float | None, n: int) -> float:
     if n < 2 or std is None or math.isnan(std):
         return math.nan
     return float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
-def format_tables(summary: pl.DataFrame) -> str:
-    """Render one text table per dataset, budget and metric: models by grid point, mean +- CI."""
+def format_tables(summary: pl.DataFrame, difference_to: str | None = None) -> str:
+    """Render one text table per dataset, budget and metric: models by grid point, mean +- CI.
+
+    With ``difference_to`` set, the values are differences to that model and the titles say so.
+    """
     grid_columns = [c for c in summary.columns if c.startswith("grid.")]
     blocks = []
     for (dataset, budget, metric), group in summary.group_by(
@@ -88,6 +113,9 @@ def format_tables(summary: pl.DataFrame) -> str:
     ):
         better = "lower" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "higher"
         title = f"{metric} on {dataset}, budget {budget:,} parameters ({better} is better)"
+        if difference_to is not None:
+            title = (f"{metric} minus that of {difference_to}, paired by seed, on {dataset}, "
+                     f"budget {budget:,} parameters ({better} is better)")
         cells = group.with_columns(
             cell=pl.struct("mean", "ci95").map_elements(
                 lambda row: _cell(row["mean"], row["ci95"]), return_dtype=pl.String
@@ -158,8 +186,14 @@ def plot(summary: pl.DataFrame, path: Path, title: str) -> Path | None:
     return path
 
 
-def write_report(records: Sequence[dict[str, Any]], out_dir: Path, suite: str) -> Report:
-    """Summarize ``records`` and write the CSV, the markdown tables and the plots to ``out_dir``."""
+def write_report(
+    records: Sequence[dict[str, Any]], out_dir: Path, suite: str, baseline: str = "single_task"
+) -> Report:
+    """Summarize ``records`` and write the CSV, the markdown tables and the plots to ``out_dir``.
+
+    When ``baseline`` is among the models, a second set of tables gives every other model's
+    difference to it, paired by seed.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = trial_frame(records)
     if trials.is_empty():
@@ -170,6 +204,12 @@ def write_report(records: Sequence[dict[str, Any]], out_dir: Path, suite: str) -
     trials.write_csv(files[0])
     summary.write_csv(files[1])
     text = format_tables(summary)
+    if baseline in set(trials["model"].to_list()):
+        differences = paired_differences(trials, baseline)
+        if not differences.is_empty():
+            files.append(out_dir / f"difference_to_{baseline}.csv")
+            differences.write_csv(files[-1])
+            text += "\n\n" + format_tables(differences, difference_to=baseline)
     files[2].write_text(f"# Suite `{suite}`: test metrics, mean ± 95 % CI over seeds\n\n{text}\n")
 
     for (dataset, budget), group in summary.group_by(["dataset", "budget"], maintain_order=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any, Sequence
 
 from benchmark.plugins import PluginError, load_plugins
 from benchmark.suite import SuiteError, TrialSpec, builtin_suites, load_suite, plan_trials
+from datasets.base import DATA_DIR_ENV
 
 logger = logging.getLogger("benchmark")
 
@@ -48,13 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MLflow tracking URI (default: a SQLite store in the results folder)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"),
                         help="folder for the store, tables and plots (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="root folder of the real data sets, one subfolder per data set "
+                        "(census-income/, ...); sets MTL_BENCH_DATA_DIR for every trial")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import a module that registers models or datasets; repeatable")
     parser.add_argument("--dry-run", action="store_true", help="print the trial plan and exit")
     parser.add_argument("--quick", action="store_true",
                         help="apply the suite's quick overrides: a smoke test of about a minute")
     parser.add_argument("--rerun", action="store_true",
-                        help="run trials again even if the store holds a finished run of them")
+                        help="run trials again even if the store contains a finished run of them")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     return parser
 
@@ -69,6 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(f"--workers must be >= 1, got {args.workers}.")
     if args.max_epochs is not None and args.max_epochs < 1:
         return _usage_error(f"--max-epochs must be >= 1, got {args.max_epochs}.")
+    if args.data_dir is not None:
+        if not args.data_dir.is_dir():
+            return _usage_error(
+                f"--data-dir {str(args.data_dir)!r} is not a folder. Pass the folder that holds "
+                f"the data sets' subfolders, such as census-income/."
+            )
+        # Worker processes inherit the environment, so every trial sees the same folder.
+        os.environ[DATA_DIR_ENV] = str(args.data_dir.resolve())
 
     try:
         load_plugins(args.plugin)

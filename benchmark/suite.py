@@ -18,7 +18,7 @@ import inspect
 import itertools
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from benchmark.references import REFERENCES
 from datasets import DATASETS
 from models import MODELS
 
@@ -80,6 +81,8 @@ class Suite(_Strict):
     datasets: list[DatasetSection] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
     model_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    references: list[str] = Field(default_factory=list)
+    reference_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     budgets: list[int] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
     training: TrainingSection = Field(default_factory=TrainingSection)
@@ -106,7 +109,11 @@ class Suite(_Strict):
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One trial: a model trained at one budget and seed on one point of a dataset's grid."""
+    """One trial: a model trained at one budget and seed on one point of a dataset's grid.
+
+    A trial of kind ``"reference"`` fits a non-neural reference (``model`` is its name) and has
+    no budget or training settings.
+    """
 
     suite: str
     dataset: str
@@ -117,10 +124,17 @@ class TrialSpec:
     budget: int
     seed: int
     training: dict[str, Any]
-    tags: dict[str, str] = field(default_factory=dict, compare=False)
+    kind: str = "model"
 
     def config(self) -> dict[str, Any]:
         """Return the resolved configuration that identifies the trial."""
+        if self.kind == "reference":
+            return {
+                "dataset": {"name": self.dataset,
+                            "params": {**self.dataset_params, **self.grid_point}},
+                "reference": {"name": self.model, "options": self.model_options},
+                "seed": self.seed,
+            }
         return {
             "dataset": {"name": self.dataset, "params": {**self.dataset_params, **self.grid_point}},
             "model": {"name": self.model, "options": self.model_options},
@@ -137,10 +151,13 @@ class TrialSpec:
 
     @property
     def name(self) -> str:
-        point = " ".join(f"{key}={value}" for key, value in self.grid_point.items())
-        return f"{self.model} {self.dataset} {point} budget={self.budget} seed={self.seed}".replace(
-            "  ", " "
-        )
+        parts = [self.model, self.dataset]
+        parts += [f"{key}={value}" for key, value in self.grid_point.items()]
+        if self.kind == "reference":
+            parts.insert(0, "reference")
+        else:
+            parts.append(f"budget={self.budget}")
+        return " ".join(parts + [f"seed={self.seed}"])
 
 
 def builtin_suites() -> dict[str, Path]:
@@ -229,6 +246,16 @@ def validate_suite(data: dict[str, Any], source: str = "<suite>") -> Suite:
             )
         _check_keywords(MODELS.get(model).factory, options, f"model_options.{model}", source,
                         reserved=("input_dim", "task_dims", "width"))
+    for index, reference in enumerate(suite.references):
+        _lookup(REFERENCES, reference, f"references[{index}]", source)
+    for reference, options in suite.reference_options.items():
+        if reference not in suite.references:
+            raise SuiteError(
+                f"Invalid suite {source!r}: `reference_options.{reference}` names a reference "
+                f"that is not in `references`. Add it to `references` or remove its options."
+            )
+        _check_keywords(REFERENCES.get(reference).factory, options,
+                        f"reference_options.{reference}", source, reserved=("data", "seed"))
     for index, dataset in enumerate(suite.datasets):
         entry = _lookup(DATASETS, dataset.name, f"datasets[{index}].name", source)
         overlap = set(dataset.params) & set(dataset.grid)
@@ -244,7 +271,8 @@ def validate_suite(data: dict[str, Any], source: str = "<suite>") -> Suite:
 
 
 def plan_trials(suite: Suite) -> list[TrialSpec]:
-    """Expand a suite into its trials: datasets x grid points x budgets x models x seeds."""
+    """Expand a suite into its trials: datasets x grid points x budgets x models x seeds, plus
+    one trial per reference, grid point and seed."""
     training = suite.training.model_dump()
     trials = []
     for dataset in suite.datasets:
@@ -263,6 +291,21 @@ def plan_trials(suite: Suite) -> list[TrialSpec]:
                         budget=budget,
                         seed=seed,
                         training=dict(training),
+                    )
+                )
+            for reference, seed in itertools.product(suite.references, suite.seeds):
+                trials.append(
+                    TrialSpec(
+                        suite=suite.name,
+                        dataset=dataset.name,
+                        dataset_params=copy.deepcopy(dataset.params),
+                        grid_point=grid_point,
+                        model=reference,
+                        model_options=copy.deepcopy(suite.reference_options.get(reference, {})),
+                        budget=0,
+                        seed=seed,
+                        training={},
+                        kind="reference",
                     )
                 )
     return trials

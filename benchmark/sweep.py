@@ -35,7 +35,7 @@ class SweepError(RuntimeError):
 
 @dataclass
 class SweepOutcome:
-    """What a sweep did: trials run, skipped and failed, and the report it wrote."""
+    """Counts of trials run, skipped and failed in one sweep, and the report it wrote."""
 
     parent_run_id: str
     tracking_uri: str
@@ -134,7 +134,7 @@ def _check_server(tracking_uri: str, timeout: float = 10.0) -> None:
             response.read()
     except (OSError, urllib.error.URLError) as error:
         raise SweepError(
-            f"Could not open the MLflow tracking store {tracking_uri!r}: {url} did not answer "
+            f"Could not open the MLflow tracking store {tracking_uri!r}: {url} did not respond "
             f"({error}). Check that the MLflow server is running and that --tracking-uri is right."
         ) from error
 
@@ -181,8 +181,18 @@ def _report(
 ) -> Report:
     # The report reads the store back, so trials finished by an earlier, interrupted sweep count.
     finished = finished_runs(client, experiment_id)
-    records = [_record(spec, finished[spec.trial_hash]) for spec in trials
-               if spec.trial_hash in finished]
+    budgets = sorted({spec.budget for spec in trials if spec.kind == "model"})
+    records = []
+    for spec in trials:
+        if spec.trial_hash not in finished:
+            continue
+        record = _record(spec, finished[spec.trial_hash])
+        if spec.kind == "model":
+            records.append(record)
+            continue
+        # A reference has no budget: it appears in the table of every budget.
+        for budget in budgets:
+            records.append({**record, "budget": budget, "model": f"{spec.model} (reference)"})
     report = write_report(records, results_dir / suite.name, suite.name)
     for path in report.files:
         client.log_artifact(parent_id, str(path), artifact_path="report")

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -123,8 +123,19 @@ class RunLogger:
         self.client.log_dict(self.run_id, dict(config), CONFIG_ARTIFACT)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        timestamp = int(time.time() * 1000)
-        entries = [Metric(key, float(value), timestamp, step) for key, value in metrics.items()]
+        self.log_metric_steps([(metrics, step, int(time.time() * 1000))])
+
+    def log_metric_steps(self, steps: Sequence[tuple[Mapping[str, float], int, int]]) -> None:
+        """Log several steps' metrics in as few calls as MLflow's batch limit allows.
+
+        Args:
+            steps: ``(metrics, step, timestamp in milliseconds)`` per step.
+        """
+        entries = [
+            Metric(key, float(value), timestamp, step)
+            for metrics, step, timestamp in steps
+            for key, value in metrics.items()
+        ]
         for batch in _batches(entries, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=batch)
 

@@ -14,12 +14,12 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from mlflow.tracking import MlflowClient
 
+from benchmark.references import REFERENCES
 from benchmark.suite import TrialSpec
 from benchmark.tracking import PARENT_TAG, SUITE_TAG, TRIAL_HASH_TAG, RunLogger
 from datasets import DATASETS, MultiTaskData, TensorBatches
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SweepContext:
-    """What every trial of a sweep needs to know besides its own spec."""
+    """Settings shared by every trial of a sweep: the store, the experiment and common tags."""
 
     tracking_uri: str
     experiment_id: str
@@ -75,13 +75,36 @@ class BestEpoch(pl.Callback):
 
 
 class EpochMetricsLogger(pl.Callback):
-    """Send each epoch's metrics to MLflow in one batch, with the epoch as the step."""
+    """Send each epoch's metrics to MLflow with the epoch as the step.
 
-    def __init__(self, run_logger: RunLogger) -> None:
+    A write to a SQLite store costs about 10 ms, as much as several training steps of a small
+    model, so epochs are buffered and sent together at most every ``flush_seconds``, and at the
+    end of training, whether it ends normally or with an error.
+    """
+
+    def __init__(self, run_logger: RunLogger, flush_seconds: float = 5.0) -> None:
         self.run_logger = run_logger
+        self.flush_seconds = flush_seconds
+        self._pending: list[tuple[dict[str, float], int, int]] = []
+        self._last_flush = time.monotonic()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: MultiTaskModule) -> None:
-        self.run_logger.log_metrics(module.epoch_metrics, step=trainer.current_epoch)
+        timestamp = int(time.time() * 1000)
+        self._pending.append((dict(module.epoch_metrics), trainer.current_epoch, timestamp))
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def on_fit_end(self, trainer: pl.Trainer, module: MultiTaskModule) -> None:
+        self.flush()
+
+    def on_exception(self, trainer: pl.Trainer, module: MultiTaskModule, error: BaseException) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self.run_logger.log_metric_steps(self._pending)
+            self._pending = []
+        self._last_flush = time.monotonic()
 
 
 @lru_cache(maxsize=4)
@@ -114,7 +137,10 @@ def run_trial(spec: TrialSpec, context: SweepContext) -> TrialResult:
 
     run_logger = RunLogger(client, result.run_id)
     try:
-        result.metrics = _train_and_test(spec, run_logger)
+        if spec.kind == "reference":
+            result.metrics = _fit_reference(spec, run_logger)
+        else:
+            result.metrics = _train_and_test(spec, run_logger)
         result.status = "FINISHED"
         client.set_terminated(result.run_id, "FINISHED")
     except Exception as error:
@@ -177,6 +203,18 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     return final
 
 
+def _fit_reference(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
+    started = time.perf_counter()
+    run_logger.log_config(spec.config())
+    data = load_dataset(spec)
+    _log_data_info(run_logger, data)
+
+    metrics = REFERENCES.get(spec.model).factory(data, seed=spec.seed, **spec.model_options)
+    final = {**metrics, "wall_seconds": time.perf_counter() - started}
+    run_logger.log_metrics(final)
+    return final
+
+
 def _trainer(max_epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -201,9 +239,11 @@ def _run_tags(spec: TrialSpec, context: SweepContext) -> dict[str, str]:
         "model": spec.model,
         "dataset": spec.dataset,
         "seed": str(spec.seed),
-        "budget": str(spec.budget),
+        "kind": spec.kind,
         **{f"grid.{key}": str(value) for key, value in spec.grid_point.items()},
     }
+    if spec.kind == "model":
+        tags["budget"] = str(spec.budget)
     if context.parent_run_id:
         tags[PARENT_TAG] = context.parent_run_id
     return tags
@@ -240,6 +280,3 @@ def worker_init(num_threads: int) -> None:
     torch.set_num_threads(max(1, num_threads))
     quiet_libraries()
 
-
-def describe(result: TrialResult) -> dict[str, Any]:
-    return {"name": result.name, "status": result.status, "error": result.error}

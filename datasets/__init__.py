@@ -12,8 +12,7 @@ from models.registry import Registry
 DATASETS: Registry = Registry("dataset", entry_point_group="mtl_bench.datasets")
 register_dataset = DATASETS.register
 
-from datasets import synthetic  # noqa: E402  (registers the built-in adapters)
-from datasets import census  # noqa: E402
+from datasets import census, synthetic  # noqa: E402  (registers the built-in adapters)
 
 __all__ = [
     "DATASETS",
@@ -21,6 +20,7 @@ __all__ = [
     "Split",
     "TaskSpec",
     "TensorBatches",
+    "census",
     "register_dataset",
     "synthetic",
 ]

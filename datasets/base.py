@@ -15,6 +15,8 @@ from torch import Tensor
 TaskKind = Literal["regression", "binary"]
 TASK_KINDS: tuple[str, ...] = ("regression", "binary")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# Environment variable naming the root folder of the real data sets, one subfolder per data set.
+DATA_DIR_ENV = "MTL_BENCH_DATA_DIR"
 
 
 @dataclass(frozen=True)

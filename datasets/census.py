@@ -41,6 +41,7 @@ import dataclasses
 import gzip
 import hashlib
 import http.client
+import inspect
 import json
 import logging
 import os
@@ -60,14 +61,13 @@ import torch
 from tqdm.auto import tqdm
 
 from datasets import register_dataset
-from datasets.base import SPLITS, MultiTaskData, Split, TaskSpec
+from datasets.base import DATA_DIR_ENV, SPLITS, MultiTaskData, Split, TaskSpec
 
 logger = logging.getLogger(__name__)
 
 CENSUS_URL = "https://archive.ics.uci.edu/static/public/117/census+income+kdd.zip"
 DATA_FILE = "census-income.data"
 TEST_FILE = "census-income.test"
-DATA_DIR_ENV = "MTL_BENCH_DATA_DIR"
 SUBFOLDER = "census-income"
 
 # SHA-256 of the official files, by file name.
@@ -312,6 +312,17 @@ def census(seed: int = 0, **params: Any) -> MultiTaskData:
     ``split_seed=None``, so by default every trial uses the same split.
     """
     return load_census(make_config(params), seed=seed).data
+
+
+# Suite validation reads a factory's signature to name unknown parameters before a sweep starts,
+# so expose the configuration fields as keyword parameters.
+census.__signature__ = inspect.Signature(
+    [inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0)]
+    + [
+        inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default)
+        for field in dataclasses.fields(CensusConfig)
+    ]
+)
 
 
 def make_config(params: dict[str, Any]) -> CensusConfig:

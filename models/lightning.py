@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class SingleClassWarning(UserWarning):
-    """Raised as a warning when a split holds one class, so ROC AUC is undefined."""
+    """Warning category for a split with one class only, where ROC AUC is undefined."""
 
 
 def task_loss(task: TaskSpec, output: Tensor, target: Tensor, weights: Tensor | None) -> Tensor:
@@ -102,14 +102,17 @@ class MultiTaskModule(pl.LightningModule):
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
+        # Manual optimisation: one plain zero_grad, backward and step per batch. Lightning's
+        # automatic loop wraps each step in a closure and hooks that cost more than the step of
+        # a small model.
+        self.automatic_optimization = False
         self.model = model
         self.tasks = tuple(tasks)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.epoch_metrics: dict[str, float] = {}
         self.test_metrics: dict[str, float] = {}
-        self._train_sums: dict[str, Tensor] = {}
-        self._train_batches = 0
+        self._train_totals = _RunningTotals()
         self._eval_outputs: list[list[Tensor]] = []
         self._eval_targets: list[list[Tensor]] = []
 
@@ -119,22 +122,32 @@ class MultiTaskModule(pl.LightningModule):
     def training_step(self, batch: Batch, batch_index: int) -> Tensor:
         features, targets, weights = batch
         outputs = self.model(features)
-        _check_outputs(outputs, self.tasks)
+        if batch_index == 0:
+            _check_outputs(outputs, self.tasks)
 
-        terms = {
-            f"{task.name}/loss": task_loss(task, output, target, weights)
+        terms = [
+            task_loss(task, output, target, weights)
             for task, output, target in zip(self.tasks, outputs, targets)
-        }
+        ]
         regularization = getattr(self.model, "regularization_losses", dict)()
-        terms.update(regularization)
-        loss = torch.stack(list(terms.values())).sum()
+        terms.extend(regularization.values())
+        terms = torch.stack(terms)  # (T + R,)
+        loss = terms.sum()
 
-        # Running sums stay on the device, detached; they are read once per epoch.
-        terms["loss"] = loss
-        for name, value in terms.items():
-            detached = value.detach()
-            self._train_sums[name] = self._train_sums.get(name, 0.0) + detached
-        self._train_batches += 1
+        # One running sum on the device, detached, read once per epoch: per-step logging would
+        # cost more than a small model's step.
+        totals = self._train_totals
+        if totals.names is None:
+            totals.names = [f"{task.name}/loss" for task in self.tasks] + list(regularization)
+            totals.sum = torch.zeros_like(terms)
+        totals.sum += terms.detach()
+        totals.loss += loss.detach()
+        totals.batches += 1
+
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
         return loss
 
     def validation_step(self, batch: Batch, batch_index: int) -> None:
@@ -152,11 +165,8 @@ class MultiTaskModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
-        metrics = {
-            f"train/{name}": float(total) / max(self._train_batches, 1)
-            for name, total in self._train_sums.items()
-        }
-        self._train_sums, self._train_batches = {}, 0
+        metrics = self._train_totals.means("train")
+        self._train_totals = _RunningTotals()
 
         metrics.update(self._split_metrics("val"))
         metrics["val/selection_score"] = selection_score(self.tasks, metrics, "val")
@@ -168,8 +178,11 @@ class MultiTaskModule(pl.LightningModule):
         self.test_metrics = self._split_metrics("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        # foreach=True updates all parameters in a few vectorised calls instead of a loop of
+        # small ones, which dominates a small model's step on the CPU.
         return torch.optim.Adam(
-            self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+            self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay,
+            foreach=True,
         )
 
     def _collect(self, batch: Batch) -> None:
@@ -190,6 +203,28 @@ class MultiTaskModule(pl.LightningModule):
             for name, value in task_metrics(task, outputs, targets).items():
                 metrics[f"{stage}/{task.name}/{name}"] = value
         self._reset_collected()
+        return metrics
+
+
+class _RunningTotals:
+    """Sums of the training loss terms over the batches of one epoch.
+
+    A plain object rather than module attributes: assigning to an ``nn.Module`` attribute goes
+    through its slow ``__setattr__``, once per step.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.sum: Tensor | None = None
+        self.loss: Tensor | float = 0.0
+        self.batches = 0
+
+    def means(self, stage: str) -> dict[str, float]:
+        if not self.batches:
+            return {}
+        metrics = {f"{stage}/loss": float(self.loss) / self.batches}
+        for name, value in zip(self.names, (self.sum / self.batches).tolist()):
+            metrics[f"{stage}/{name}"] = value
         return metrics
 
 

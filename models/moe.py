@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from models import register_model
 from models.base import MultiTaskModel
-from models.layers import MLP, SoftmaxGate
+from models.layers import MLP, ParallelMLP, SoftmaxGate
 from models.shared_bottom import _check_positive
 
 
@@ -49,9 +49,7 @@ class MixtureOfExperts(MultiTaskModel):
             tower_hidden=tower_hidden,
         )
         self.num_tasks = len(task_dims)
-        self.experts = nn.ModuleList(
-            MLP(input_dim, [width] * expert_layers) for _ in range(num_experts)
-        )
+        self.experts = ParallelMLP(input_dim, [width] * expert_layers, num_experts)
         num_gates = self.num_tasks if gate_per_task else 1
         self.gates = nn.ModuleList(SoftmaxGate(input_dim, num_experts) for _ in range(num_gates))
         self.towers = nn.ModuleList(MLP(width, [tower_hidden], dim) for dim in task_dims)
@@ -62,7 +60,7 @@ class MixtureOfExperts(MultiTaskModel):
         return weights.expand(-1, self.num_tasks, -1)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # (B, E, D)
+        experts = self.experts(x)  # (B, E, D)
         weights = self.gate_weights(x)  # (B, T, E)
 
         mixed = torch.einsum("bte,bed->btd", weights, experts)  # (B, T, D)

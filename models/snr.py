@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from models import register_model
 from models.base import MultiTaskModel
-from models.layers import MLP, HardConcreteGate
+from models.layers import MLP, HardConcreteGate, ParallelMLP
 from models.shared_bottom import _check_positive
 
 
@@ -140,7 +140,7 @@ class SNR(MultiTaskModel):
         gate_options = dict(beta=gate_beta, gamma=gate_gamma, zeta=gate_zeta, init_log_alpha=gate_init)
 
         self.l0_strength = l0_strength
-        self.first_layer = nn.ModuleList(MLP(input_dim, [width]) for _ in range(subnetworks[0]))
+        self.first_layer = ParallelMLP(input_dim, [width], subnetworks[0])
         self.layers = nn.ModuleList(
             SubNetworkLayer(lower, upper, width, transform, gate_options)
             for lower, upper in zip(subnetworks, subnetworks[1:])
@@ -155,7 +155,7 @@ class SNR(MultiTaskModel):
         return [layer.routing.gate for layer in self.layers] + [self.task_routing.gate]
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        hidden = torch.stack([subnet(x) for subnet in self.first_layer], dim=1)  # (B, J, D)
+        hidden = self.first_layer(x)  # (B, J, D)
         for layer in self.layers:
             hidden = layer(hidden)  # (B, I, D)
 

@@ -13,7 +13,7 @@ split and the task-group-1 feature set:
   ``StandardScaler`` fitted on the training rows, with no validation.
 
 Usage:
-    python scripts/bench_census.py --data-dir ../shared/data/census-income
+    python scripts/bench_census.py --data-dir DATA_DIR
 
 The result is printed as a markdown table and written to the section "Census-Income parsing and
 encoding" of docs/benchmarks.md; the rest of that file is kept.

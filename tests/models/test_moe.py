@@ -2,6 +2,7 @@
 
 import torch
 
+from models.layers import MLP, ParallelMLP
 from models.moe import mmoe, omoe
 from models.shared_bottom import SharedBottom
 
@@ -10,7 +11,9 @@ def test_one_expert_mmoe_equals_shared_bottom():
     torch.manual_seed(0)
     bottom = SharedBottom(input_dim=6, task_dims=(1, 2), width=5, tower_hidden=4)
     mixture = mmoe(input_dim=6, task_dims=(1, 2), width=5, tower_hidden=4, num_experts=1)
-    mixture.experts[0].load_state_dict(bottom.bottom.state_dict())
+    with torch.no_grad():
+        mixture.experts.weights[0][0].copy_(bottom.bottom[0].weight.T)  # (F, D) from (D, F)
+        mixture.experts.biases[0][0].copy_(bottom.bottom[0].bias)
     mixture.towers.load_state_dict(bottom.towers.state_dict())
 
     x = torch.randn(7, 6)
@@ -34,6 +37,19 @@ def test_gate_of_sample_ignores_rest_of_batch():
     other_batch = model.gate_weights(torch.cat([x[:1], torch.randn(20, 6) * 100]))[:1]
     torch.testing.assert_close(in_batch, alone)
     torch.testing.assert_close(other_batch, alone)
+
+
+def test_parallel_experts_equal_separate_mlps():
+    torch.manual_seed(2)
+    bank = ParallelMLP(5, [4, 3], num_members=2)
+    x = torch.randn(6, 5)
+    for member in range(2):
+        separate = MLP(5, [4, 3])
+        with torch.no_grad():
+            for layer, (weight, bias) in zip([separate[0], separate[2]], zip(bank.weights, bank.biases)):
+                layer.weight.copy_(weight[member].T)
+                layer.bias.copy_(bias[member])
+        torch.testing.assert_close(bank(x)[:, member], separate(x))
 
 
 def test_mmoe_gates_differ_per_task_omoe_shares_one():
