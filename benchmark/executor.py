@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence
@@ -22,6 +23,7 @@ from benchmark.trial import SweepContext, TrialResult, run_trial, worker_init
 logger = logging.getLogger(__name__)
 
 ResultCallback = Callable[[TrialResult], None]
+MAX_CRASHES = 2  # worker deaths after which a trial is failed rather than retried
 
 
 def available_cores() -> int:
@@ -45,8 +47,8 @@ def run_local(
     """Run ``trials`` and call ``on_result`` with each result as it arrives.
 
     With one worker the trials run in this process. With more, a pool of ``workers`` processes
-    runs them; a worker that dies (killed, or crashed in native code) fails the trials it was
-    running, and the pool is restarted for the rest.
+    runs them. When a worker dies (killed, or crashed in native code), the pool is restarted and
+    the trials that were running are retried once, then failed.
     """
     if workers == 1:
         worker_init(threads_per_worker(1))
@@ -54,19 +56,29 @@ def run_local(
             on_result(run_trial(spec, context))
         return
 
+    # When a worker dies, the pool stops every worker, so the trials running beside the one at
+    # fault die too. Each such trial is retried once; one that kills its worker twice fails.
+    crashes: Counter[str] = Counter()
     pending = list(trials)
     while pending:
-        remaining = _run_pool(pending, context, workers, on_result, plugins)
-        if len(remaining) == len(pending):
+        not_started, crashed = _run_pool(pending, context, workers, on_result, plugins)
+        for spec, run_id in crashed:
+            crashes[spec.trial_hash] += 1
+            if crashes[spec.trial_hash] < MAX_CRASHES:
+                not_started.append(spec)
+            else:
+                on_result(TrialResult(spec.trial_hash, spec.name, "FAILED", run_id,
+                                      error="The worker process died while running this trial."))
+        if len(not_started) == len(pending) and not crashed:
             # No trial even started, so the workers cannot start: fail the rest, don't loop.
-            for spec in remaining:
+            for spec in not_started:
                 on_result(TrialResult(
                     spec.trial_hash, spec.name, "FAILED",
                     error="Worker processes died before running any trial; run with "
                     "`--workers 1` to see the error.",
                 ))
             return
-        pending = remaining
+        pending = not_started
 
 
 def _run_pool(
@@ -75,8 +87,13 @@ def _run_pool(
     workers: int,
     on_result: ResultCallback,
     plugins: Sequence[str],
-) -> list[TrialSpec]:
-    """Run trials in one pool; return those that never started because the pool broke."""
+) -> tuple[list[TrialSpec], list[tuple[TrialSpec, str]]]:
+    """Run trials in one pool until they finish or the pool breaks.
+
+    Returns:
+        The trials that never started, and the trials (with their run ids) that were running
+        when a worker died.
+    """
     # "spawn" gives each worker a clean interpreter: forking a process that has started torch's
     # thread pools can deadlock.
     context_mp = multiprocessing.get_context("spawn")
@@ -105,21 +122,21 @@ def _run_pool(
                 on_result(TrialResult(spec.trial_hash, spec.name, "FAILED", error=repr(error)))
 
     if not broken:
-        return []
-    return _split_lost_trials(not_started, context, on_result)
+        return [], []
+    return _split_lost_trials(not_started, context)
 
 
 def _split_lost_trials(
-    lost: list[TrialSpec], context: SweepContext, on_result: ResultCallback
-) -> list[TrialSpec]:
-    # A trial whose child run already exists was running when its worker died: record it as
-    # failed. The others never started and go back into the queue.
+    lost: list[TrialSpec], context: SweepContext
+) -> tuple[list[TrialSpec], list[tuple[TrialSpec, str]]]:
+    # A trial whose child run already exists was running when its worker died: its run is
+    # marked FAILED. The others never started.
     from mlflow.tracking import MlflowClient
 
     from benchmark.tracking import PARENT_TAG, TRIAL_HASH_TAG
 
     client = MlflowClient(context.tracking_uri)
-    retry = []
+    not_started, crashed = [], []
     for spec in lost:
         runs = client.search_runs(
             [context.experiment_id],
@@ -130,13 +147,10 @@ def _split_lost_trials(
             for run in runs:
                 client.set_tag(run.info.run_id, "error", "The worker process died.")
                 client.set_terminated(run.info.run_id, "FAILED")
-            on_result(
-                TrialResult(spec.trial_hash, spec.name, "FAILED", runs[0].info.run_id,
-                            error="The worker process running this trial died.")
-            )
+            crashed.append((spec, runs[0].info.run_id))
         else:
-            retry.append(spec)
-    return retry
+            not_started.append(spec)
+    return not_started, crashed
 
 
 def _pool_worker_init(num_threads: int, plugins: tuple[str, ...]) -> None:

@@ -12,8 +12,8 @@ from typing import Any, Iterator, Literal
 import torch
 from torch import Tensor
 
-TaskKind = Literal["regression", "binary"]
-TASK_KINDS: tuple[str, ...] = ("regression", "binary")
+TaskKind = Literal["regression", "binary", "multilabel"]
+TASK_KINDS: tuple[str, ...] = ("regression", "binary", "multilabel")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # Environment variable naming the root folder of the real data sets, one subfolder per data set.
 DATA_DIR_ENV = "MTL_BENCH_DATA_DIR"
@@ -21,7 +21,11 @@ DATA_DIR_ENV = "MTL_BENCH_DATA_DIR"
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One prediction task: its name, its kind (which sets loss and metric) and its head size."""
+    """One prediction task: its name, its kind (which sets loss and metric) and its head size.
+
+    ``regression`` and ``binary`` tasks have one output; a ``multilabel`` task has one output
+    per class, each a logit of that class being present.
+    """
 
     name: str
     kind: TaskKind

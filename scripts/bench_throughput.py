@@ -9,8 +9,9 @@ number of epochs, each followed by one validation pass per epoch:
 - deepctr: deepctr-torch's MMoE trained with its own ``fit`` (MMoE only; needs
   ``pip install deepctr-torch``).
 
-Runs alternate between loops and the median over repeats is reported, as samples per second and
-as a ratio to the bare loop measured in the same run.
+Runs alternate between loops. Each repeat gives a ratio to the bare loop that ran just before it,
+which cancels slow drifts in the load of a shared machine; the table reports the median over
+repeats of throughputs (samples per second) and of those ratios.
 
 Usage:
     python scripts/bench_throughput.py --batch-sizes 1024 128 --repeats 3
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--budget", type=int, default=20_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--no-deepctr", action="store_true", help="skip deepctr-torch")
     args = parser.parse_args()
@@ -143,13 +144,14 @@ def main() -> None:
                     width = fit_budget(MODELS.get("mmoe"), args.budget, data.input_dim,
                                        data.task_dims).width
                     peer.append(deepctr_loop(data, batch_size, args.epochs, width))
-            bare_median, harness_median = statistics.median(bare), statistics.median(harness)
+            harness_ratio = statistics.median(h / b for h, b in zip(harness, bare))
             peer_cells = "| - | -"
             if peer:
-                peer_median = statistics.median(peer)
-                peer_cells = f"| {peer_median:,.0f} | {peer_median / bare_median:.2f}"
-            print(f"| {name} | {batch_size} | {bare_median:,.0f} | {harness_median:,.0f} | "
-                  f"{harness_median / bare_median:.2f} {peer_cells} |", flush=True)
+                peer_ratio = statistics.median(p / b for p, b in zip(peer, bare))
+                peer_cells = f"| {statistics.median(peer):,.0f} | {peer_ratio:.2f}"
+            print(f"| {name} | {batch_size} | {statistics.median(bare):,.0f} | "
+                  f"{statistics.median(harness):,.0f} | {harness_ratio:.2f} {peer_cells} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

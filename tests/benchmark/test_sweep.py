@@ -156,3 +156,41 @@ def test_unreachable_tracking_server_explained(tmp_path, suite_file, capsys):
     code = run(suite_file, tmp_path / "results", "--tracking-uri", "http://127.0.0.1:9")
     assert code == 2
     assert "Could not open the MLflow tracking store 'http://127.0.0.1:9'" in capsys.readouterr().err
+
+
+KILLING_PLUGIN = '''
+import os
+import signal
+
+from models import register_model
+from models.shared_bottom import SharedBottom
+
+
+@register_model("killer", override=True)
+class Killer(SharedBottom):
+    def forward(self, x):
+        os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.mark.slow
+def test_killed_worker_fails_only_its_trial(tmp_path, capsys):
+    plugin = tmp_path / "killing_plugin.py"
+    plugin.write_text(KILLING_PLUGIN)
+    suite = write_suite(tmp_path, models=("killer", "shared_bottom"), seeds=(0, 1),
+                        correlations=(0.5,))
+    results = tmp_path / "results"
+
+    code = run(suite, results, "--workers", "2", "--plugin", str(plugin))
+
+    assert code == 1
+    _, parents, children = store_runs(results)
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert sorted(c.data.tags["model"] for c in finished) == ["shared_bottom", "shared_bottom"]
+    killed = [c for c in children if c.data.tags["model"] == "killer"]
+    assert killed and all(c.info.status == "FAILED" for c in killed)
+    assert all(c.data.tags["error"] == "The worker process died." for c in killed)
+    assert parents[0].info.status == "FAILED"
+    out = capsys.readouterr().out
+    assert "failed: 2" in out
+    assert "The worker process died while running this trial." in out
