@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
-from datasets.base import MultiTaskData
+from datasets.base import MultiTaskData, StreamSplit
 from models.lightning import task_metrics
 from models.registry import Registry
 
@@ -36,6 +36,11 @@ def sklearn_gbdt(
     steer the fit. Multi-output tasks are not supported.
     """
     train, test = data.splits["train"], data.splits["test"]
+    if isinstance(train, StreamSplit) or isinstance(test, StreamSplit):
+        raise ValueError(
+            "Reference `sklearn_gbdt` needs the splits in memory, but this dataset streams them "
+            "from disk. Remove the reference from this suite."
+        )
     features = train.features.numpy()
     weights = None if train.weights is None else train.weights.numpy()
 

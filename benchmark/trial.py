@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from benchmark.references import REFERENCES
 from benchmark.suite import TrialSpec
 from benchmark.tracking import PARENT_TAG, SUITE_TAG, TRIAL_HASH_TAG, RunLogger
-from datasets import DATASETS, MultiTaskData, TensorBatches
+from datasets import DATASETS, MultiTaskData
+from datasets.base import make_loader
 from models import MODELS, count_parameters, fit_budget
 from models.lightning import MultiTaskModule
 
@@ -174,10 +175,10 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     train_started = time.perf_counter()
     trainer.fit(
         module,
-        train_dataloaders=TensorBatches(
+        train_dataloaders=make_loader(
             data.splits["train"], training["batch_size"], shuffle=True, seed=spec.seed
         ),
-        val_dataloaders=TensorBatches(data.splits["val"], training["eval_batch_size"]),
+        val_dataloaders=make_loader(data.splits["val"], training["eval_batch_size"]),
     )
     train_seconds = time.perf_counter() - train_started
 
@@ -185,7 +186,7 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     module.model.load_state_dict(best.best_state)
     trainer.test(
         module,
-        dataloaders=TensorBatches(data.splits["test"], training["eval_batch_size"]),
+        dataloaders=make_loader(data.splits["test"], training["eval_batch_size"]),
         verbose=False,
     )
     diagnostics = getattr(module.model, "diagnostics", dict)()

@@ -6,7 +6,7 @@ dataset section and returns a :class:`datasets.base.MultiTaskData`. Register one
 ``mtl_bench.datasets`` entry-point group.
 """
 
-from datasets.base import MultiTaskData, Split, TaskSpec, TensorBatches
+from datasets.base import MultiTaskData, Split, StreamSplit, TaskSpec, TensorBatches
 from models.registry import Registry
 
 DATASETS: Registry = Registry("dataset", entry_point_group="mtl_bench.datasets")
@@ -18,6 +18,7 @@ __all__ = [
     "DATASETS",
     "MultiTaskData",
     "Split",
+    "StreamSplit",
     "TaskSpec",
     "TensorBatches",
     "census",

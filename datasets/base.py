@@ -6,8 +6,9 @@ T tasks, O outputs of one task head, E experts, D hidden units.
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import torch
 from torch import Tensor
@@ -69,6 +70,33 @@ class Split:
         return self.features.shape[0]
 
 
+class StreamSplit(abc.ABC):
+    """A split read from disk batch by batch instead of held in memory.
+
+    Attributes:
+        feature_dim: Number of input features F.
+        num_samples: Samples per epoch, or None where unknown before reading.
+    """
+
+    feature_dim: int
+    num_samples: int | None
+
+    @abc.abstractmethod
+    def loader(
+        self, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0
+    ) -> Iterable[Batch]:
+        """Return an iterable over the split's batches, laid out as :class:`TensorBatches`."""
+
+
+def make_loader(
+    split: "Split | StreamSplit", batch_size: int, shuffle: bool = False, seed: int = 0
+) -> Iterable[Batch]:
+    """Return the batches of any split: sliced from memory or streamed from disk."""
+    if isinstance(split, StreamSplit):
+        return split.loader(batch_size, shuffle, seed)
+    return TensorBatches(split, batch_size, shuffle=shuffle, seed=seed)
+
+
 @dataclass(frozen=True)
 class MultiTaskData:
     """A dataset ready for training: its tasks, its three splits and facts worth logging.
@@ -80,7 +108,7 @@ class MultiTaskData:
     """
 
     tasks: tuple[TaskSpec, ...]
-    splits: dict[str, Split]
+    splits: dict[str, "Split | StreamSplit"]
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,6 +116,10 @@ class MultiTaskData:
         if missing:
             raise ValueError(f"Dataset is missing split(s) {missing}; expected {list(SPLITS)}.")
         for name, split in self.splits.items():
+            if isinstance(split, StreamSplit):
+                if split.num_samples == 0:
+                    raise ValueError(f"Split {name!r} is empty. Give it at least one shard.")
+                continue
             if len(split) == 0:
                 raise ValueError(
                     f"Split {name!r} is empty. Enlarge the data set or change the split sizes."
@@ -99,7 +131,10 @@ class MultiTaskData:
 
     @property
     def input_dim(self) -> int:
-        return self.splits["train"].features.shape[1]
+        train = self.splits["train"]
+        if isinstance(train, StreamSplit):
+            return train.feature_dim
+        return train.features.shape[1]
 
     @property
     def task_dims(self) -> tuple[int, ...]:

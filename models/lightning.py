@@ -33,7 +33,8 @@ class SingleClassWarning(UserWarning):
 def task_loss(task: TaskSpec, output: Tensor, target: Tensor, weights: Tensor | None) -> Tensor:
     """Return the mean loss of one task over a batch, weighted per sample when ``weights`` is set.
 
-    Regression uses squared error; binary classification uses BCE on logits.
+    Regression uses squared error; binary and multi-label classification use BCE on logits,
+    averaged over a multi-label task's classes.
     """
     if task.kind == "regression":
         per_sample = functional.mse_loss(output, target, reduction="none").mean(dim=1)
@@ -68,11 +69,14 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray, task_name: str) -> float:
 
 def selection_score(tasks: Sequence[TaskSpec], metrics: dict[str, float], stage: str) -> float:
     """Return the score that model selection maximises: the mean over tasks of AUC for binary
-    tasks and of minus MSE for regression tasks. Tasks whose metric is NaN are left out."""
+    tasks, GAP@20 for multi-label tasks and minus MSE for regression tasks. Tasks whose metric is
+    NaN are left out."""
     values = []
     for task in tasks:
         if task.kind == "regression":
             values.append(-metrics[f"{stage}/{task.name}/mse"])
+        elif task.kind == "multilabel":
+            values.append(metrics[f"{stage}/{task.name}/gap_at_20"])
         else:
             values.append(metrics[f"{stage}/{task.name}/auc"])
     finite = [value for value in values if not math.isnan(value)]
@@ -113,8 +117,7 @@ class MultiTaskModule(pl.LightningModule):
         self.epoch_metrics: dict[str, float] = {}
         self.test_metrics: dict[str, float] = {}
         self._train_totals = _RunningTotals()
-        self._eval_outputs: list[list[Tensor]] = []
-        self._eval_targets: list[list[Tensor]] = []
+        self._evaluator = SplitEvaluator(self.tasks)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.model(x)
@@ -189,20 +192,73 @@ class MultiTaskModule(pl.LightningModule):
         features, targets, _ = batch
         outputs = self.model(features)
         _check_outputs(outputs, self.tasks)
-        self._eval_outputs.append([output.detach().float().cpu() for output in outputs])
-        self._eval_targets.append([target.cpu() for target in targets])
+        self._evaluator.update(outputs, targets)
 
     def _reset_collected(self) -> None:
-        self._eval_outputs, self._eval_targets = [], []
+        self._evaluator = SplitEvaluator(self.tasks)
 
     def _split_metrics(self, stage: str) -> dict[str, float]:
+        metrics = self._evaluator.compute(stage)
+        self._reset_collected()
+        return metrics
+
+
+class SplitEvaluator:
+    """Gather one split's predictions batch by batch and compute its metrics at the end.
+
+    Regression and binary tasks keep their (N, 1) outputs, because ROC AUC needs the whole
+    epoch. Multi-label tasks feed streaming accumulators instead, so a split with many classes
+    is never held in memory; with more than one multi-label task, an ``overall`` entry pools
+    all their classes.
+    """
+
+    def __init__(self, tasks: Sequence[TaskSpec]) -> None:
+        self.tasks = tuple(tasks)
+        self.outputs: list[list[Tensor]] = [[] for _ in self.tasks]
+        self.targets: list[list[Tensor]] = [[] for _ in self.tasks]
+        self.multilabel = [i for i, task in enumerate(self.tasks) if task.kind == "multilabel"]
+        self.accumulators = {}
+        self.overall = None
+        if not self.multilabel:
+            return
+
+        from models.multilabel_metrics import MultiLabelMetrics
+
+        self.accumulators = {
+            i: MultiLabelMetrics(self.tasks[i].output_dim) for i in self.multilabel
+        }
+        if len(self.multilabel) > 1:
+            self.overall = MultiLabelMetrics(sum(self.tasks[i].output_dim for i in self.multilabel))
+
+    def update(self, outputs: Sequence[Tensor], targets: Sequence[Tensor]) -> None:
+        outputs = [output.detach().float().cpu() for output in outputs]
+        targets = [target.cpu() for target in targets]
+        for index, (output, target) in enumerate(zip(outputs, targets)):
+            if index in self.accumulators:
+                self.accumulators[index].update(output, target)
+            else:
+                self.outputs[index].append(output)
+                self.targets[index].append(target)
+        if self.overall is not None:
+            self.overall.update(
+                torch.cat([outputs[i] for i in self.multilabel], dim=1),
+                torch.cat([targets[i] for i in self.multilabel], dim=1),
+            )
+
+    def compute(self, stage: str) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for index, task in enumerate(self.tasks):
-            outputs = torch.cat([batch[index] for batch in self._eval_outputs])
-            targets = torch.cat([batch[index] for batch in self._eval_targets])
-            for name, value in task_metrics(task, outputs, targets).items():
-                metrics[f"{stage}/{task.name}/{name}"] = value
-        self._reset_collected()
+            if index in self.accumulators:
+                values = self.accumulators[index].compute()
+            else:
+                values = task_metrics(
+                    task, torch.cat(self.outputs[index]), torch.cat(self.targets[index])
+                )
+            metrics.update({f"{stage}/{task.name}/{name}": v for name, v in values.items()})
+        if self.overall is not None:
+            metrics.update(
+                {f"{stage}/overall/{name}": v for name, v in self.overall.compute().items()}
+            )
         return metrics
 
 
