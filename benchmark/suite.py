@@ -71,6 +71,7 @@ class TrainingSection(_Strict):
     learning_rate: float = Field(1e-3, gt=0)  # Adam step size
     weight_decay: float = Field(0.0, ge=0)  # Adam L2 penalty
     patience: int | None = Field(None, ge=1)  # epochs without validation gain before stopping
+    loader_workers: int = Field(0, ge=0)  # DataLoader processes per trial for streamed splits
 
 
 class Suite(_Strict):

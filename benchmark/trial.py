@@ -173,12 +173,15 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     best = BestEpoch(training["patience"])
     trainer = _trainer(training["max_epochs"], [best, EpochMetricsLogger(run_logger)])
     train_started = time.perf_counter()
+    workers = training.get("loader_workers", 0)
     trainer.fit(
         module,
         train_dataloaders=make_loader(
-            data.splits["train"], training["batch_size"], shuffle=True, seed=spec.seed
+            data.splits["train"], training["batch_size"], True, spec.seed, workers
         ),
-        val_dataloaders=make_loader(data.splits["val"], training["eval_batch_size"]),
+        val_dataloaders=make_loader(
+            data.splits["val"], training["eval_batch_size"], num_workers=workers
+        ),
     )
     train_seconds = time.perf_counter() - train_started
 
@@ -186,7 +189,9 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     module.model.load_state_dict(best.best_state)
     trainer.test(
         module,
-        dataloaders=make_loader(data.splits["test"], training["eval_batch_size"]),
+        dataloaders=make_loader(
+            data.splits["test"], training["eval_batch_size"], num_workers=workers
+        ),
         verbose=False,
     )
     diagnostics = getattr(module.model, "diagnostics", dict)()

@@ -89,11 +89,18 @@ class StreamSplit(abc.ABC):
 
 
 def make_loader(
-    split: "Split | StreamSplit", batch_size: int, shuffle: bool = False, seed: int = 0
+    split: "Split | StreamSplit",
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
 ) -> Iterable[Batch]:
-    """Return the batches of any split: sliced from memory or streamed from disk."""
+    """Return the batches of any split: sliced from memory or streamed from disk.
+
+    ``num_workers`` applies to streamed splits only; in-memory splits need no loader processes.
+    """
     if isinstance(split, StreamSplit):
-        return split.loader(batch_size, shuffle, seed)
+        return split.loader(batch_size, shuffle, seed, num_workers)
     return TensorBatches(split, batch_size, shuffle=shuffle, seed=seed)
 
 
