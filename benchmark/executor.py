@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -107,23 +108,47 @@ def _run_pool(
         for spec in trials:
             futures[pool.submit(run_trial, spec, context)] = spec
 
-        broken = False
-        not_started: list[TrialSpec] = []
-        for future in as_completed(futures):
-            spec = futures[future]
-            try:
-                on_result(future.result())
-            except BrokenProcessPool:
-                if not broken:
-                    logger.error("A worker process died; restarting the pool for the rest.")
-                broken = True
-                not_started.append(spec)
-            except Exception as error:  # An error while sending the result back.
-                on_result(TrialResult(spec.trial_hash, spec.name, "FAILED", error=repr(error)))
+        try:
+            broken, not_started = _collect_results(futures, on_result)
+        except KeyboardInterrupt:
+            _stop_workers(pool)
+            raise
 
     if not broken:
         return [], []
     return _split_lost_trials(not_started, context)
+
+
+def _collect_results(
+    futures: dict[Future, TrialSpec], on_result: ResultCallback
+) -> tuple[bool, list[TrialSpec]]:
+    """Hand over each result as it arrives; return whether the pool broke, and the trials lost."""
+    broken = False
+    lost: list[TrialSpec] = []
+    for future in as_completed(futures):
+        spec = futures[future]
+        try:
+            on_result(future.result())
+        except BrokenProcessPool:
+            if not broken:
+                logger.error("A worker process died; restarting the pool for the rest.")
+            broken = True
+            lost.append(spec)
+        except Exception as error:  # An error while sending the result back.
+            on_result(TrialResult(spec.trial_hash, spec.name, "FAILED", error=repr(error)))
+    return broken, lost
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel queued trials and end running ones at once, for Ctrl-C."""
+    # NOTE: ProcessPoolExecutor has no public way to stop running workers before Python 3.14
+    # (terminate_workers), so this reaches into its process table, which shutdown() clears.
+    # SIGKILL, because Lightning turns SIGTERM into an exception between steps, which the trial
+    # records as its failure before the worker moves on to the next trial.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.kill()
 
 
 def _split_lost_trials(
@@ -156,6 +181,9 @@ def _split_lost_trials(
 def _pool_worker_init(num_threads: int, plugins: tuple[str, ...]) -> None:
     from benchmark.plugins import load_plugins
 
+    # Ctrl-C reaches the whole process group; the main process alone handles it and stops the
+    # workers, so a worker must not start its own shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     load_plugins(plugins)
     worker_init(num_threads)
     torch.set_num_interop_threads(1)

@@ -17,6 +17,7 @@ from benchmark.executor import run_local
 from benchmark.report import Report, write_report
 from benchmark.suite import Suite, TrialSpec
 from benchmark.tracking import (
+    PARENT_TAG,
     SUITE_TAG,
     RunLogger,
     default_tracking_uri,
@@ -97,6 +98,7 @@ def run_sweep(
     try:
         _execute(to_run, context, workers, plugins, outcome)
     except BaseException:
+        _end_running_children(client, experiment_id, parent_id)
         client.set_terminated(parent_id, "KILLED")
         raise
 
@@ -105,6 +107,16 @@ def run_sweep(
     client.set_terminated(parent_id, "FAILED" if outcome.failures else "FINISHED")
     _print_summary(outcome, results_dir / suite.name)
     return outcome
+
+
+def _end_running_children(client: MlflowClient, experiment_id: str, parent_id: str) -> None:
+    # Trials stopped by an interrupt would otherwise stay RUNNING in the store forever.
+    running = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in running:
+        client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _open_store(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import signal
 import time
 import traceback
 import warnings
@@ -144,6 +145,13 @@ def run_trial(spec: TrialSpec, context: SweepContext) -> TrialResult:
             result.metrics = _train_and_test(spec, run_logger)
         result.status = "FINISHED"
         client.set_terminated(result.run_id, "FINISHED")
+    except (KeyboardInterrupt, SystemExit):
+        # Lightning turns Ctrl-C during fit into sys.exit(1) and then ignores SIGINT
+        # (pytorch-lightning 2.6, trainer/call.py). Record the run as KILLED, restore the
+        # handler and hand the interrupt on, so the sweep stops and can be resumed.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        client.set_terminated(result.run_id, "KILLED")
+        raise KeyboardInterrupt from None
     except Exception as error:
         result.error = f"{type(error).__name__}: {error}"
         _record_failure(client, result.run_id, traceback.format_exc(), result.error)

@@ -12,7 +12,7 @@ from models.registry import Registry
 DATASETS: Registry = Registry("dataset", entry_point_group="mtl_bench.datasets")
 register_dataset = DATASETS.register
 
-from datasets import census, synthetic  # noqa: E402  (registers the built-in adapters)
+from datasets import census, synthetic, youtube8m  # noqa: E402  (registers the built-in adapters)
 
 __all__ = [
     "DATASETS",
@@ -24,4 +24,5 @@ __all__ = [
     "census",
     "register_dataset",
     "synthetic",
+    "youtube8m",
 ]

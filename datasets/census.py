@@ -435,8 +435,8 @@ def manual_download_hint(directory: Path, url: str) -> str:
     return (
         f"To place the files by hand, download {url}, unpack it and the census.tar.gz inside, "
         f"and copy {DATA_FILE} and {TEST_FILE} (plain or .gz) into {directory}. Alternatively, "
-        f"pass `data_dir` with a folder that contains them, or set ${DATA_DIR_ENV} to a folder "
-        f"whose {SUBFOLDER}/ subfolder contains them."
+        f"point `--data-dir` (or ${DATA_DIR_ENV}) at a folder whose {SUBFOLDER}/ subfolder "
+        f"contains them, or set `data_dir` in the suite's dataset parameters to the folder itself."
     )
 
 

@@ -68,7 +68,7 @@ def test_reference_rows_in_report(tmp_path):
 @pytest.mark.slow
 def test_census_suite_on_real_file(tmp_path):
     if not (REAL_DATA / "census-income" / "census-income.test.gz").is_file():
-        pytest.skip("the real Census-Income test file is not available")
+        pytest.skip(f"the real Census-Income test file is not in {REAL_DATA / 'census-income'}")
     suite = tmp_path / "census-small.toml"
     suite.write_text(
         'name = "census-small"\nmodels = ["shared_bottom"]\nreferences = ["sklearn_gbdt"]\n'
@@ -89,3 +89,29 @@ def test_census_suite_on_real_file(tmp_path):
     assert model.metrics["test/income_over_50k/auc"] > 0.85
     assert reference.metrics["test/income_over_50k/auc"] > 0.85
     assert "data.census_test_sha256" in model.params
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_youtube8m_multilabel_trial_on_real_shards(tmp_path):
+    if not (REAL_DATA / "youtube8m" / "vocabulary.csv").is_file():
+        pytest.skip(f"the real YouTube-8M files are not in {REAL_DATA / 'youtube8m'}")
+    suite = tmp_path / "yt-small.toml"
+    suite.write_text(
+        'name = "yt-small"\nmodels = ["mmoe"]\nbudgets = [200000]\nseeds = [0]\n'
+        '[[datasets]]\nname = "youtube8m"\n'
+        'params = { num_verticals = 2, shard_pattern = "video_level/validate000*.tfrecord", '
+        f'fractions = [0.6, 0.2, 0.2], cache_dir = "{tmp_path / "cache"}" }}\n'
+        "[training]\nmax_epochs = 8\nbatch_size = 64\nlearning_rate = 0.003\n"
+    )
+    results = tmp_path / "results"
+    assert main(["--suite", str(suite), "--results-dir", str(results),
+                 "--data-dir", str(REAL_DATA)]) == 0
+
+    _, _, children = store_runs(results, "yt-small")
+    metrics = children[0].data.metrics
+    for task in ("arts_and_entertainment", "games", "overall"):
+        for name in ("hit_at_1", "perr", "gap_at_20", "map"):
+            assert 0.0 <= metrics[f"test/{task}/{name}"] <= 1.0
+    assert metrics["test/games/gap_at_20"] > 0.05
+    assert metrics["data/train_records"] > 0
