@@ -47,7 +47,7 @@ def trial_frame(records: Sequence[dict[str, Any]]) -> pl.DataFrame:
 
 def summarize(trials: pl.DataFrame) -> pl.DataFrame:
     """Return mean, standard deviation, seed count and 95 % interval per group and task metric."""
-    metric_columns = [c for c in trials.columns if TASK_METRIC.match(c) and "/model/" not in c]
+    metric_columns = [c for c in trials.columns if TASK_METRIC.match(c)]
     grid_columns = [c for c in trials.columns if c.startswith("grid.")]
     keys = [*GROUP_COLUMNS[:1], *grid_columns, *GROUP_COLUMNS[1:]]
 
@@ -80,7 +80,7 @@ def paired_differences(trials: pl.DataFrame, baseline: str) -> pl.DataFrame:
     grid point, budget and seed, so the seed-to-seed spread of the data itself cancels out. The
     result has the layout of :func:`summarize`, with the differences as values.
     """
-    metric_columns = [c for c in trials.columns if TASK_METRIC.match(c) and "/model/" not in c]
+    metric_columns = [c for c in trials.columns if TASK_METRIC.match(c)]
     grid_columns = [c for c in trials.columns if c.startswith("grid.")]
     keys = ["dataset", *grid_columns, "budget", "seed"]
     reference = trials.filter(pl.col("model") == baseline).select(
@@ -195,6 +195,10 @@ def write_report(
     difference to it, paired by seed.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Files of an earlier report in this folder would otherwise sit beside the new ones.
+    for pattern in ("trials.csv", "summary.csv", "summary.md", "difference_to_*.csv", "*.png"):
+        for stale in out_dir.glob(pattern):
+            stale.unlink()
     trials = trial_frame(records)
     if trials.is_empty():
         return Report(pl.DataFrame(), [], "No finished trials to summarize.")

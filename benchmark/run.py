@@ -162,12 +162,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_listing() -> None:
+    from benchmark.references import REFERENCES
+    from benchmark.suite import read_suite_file
     from datasets import DATASETS
     from models import MODELS
 
-    print("Suites:   " + ", ".join(sorted(builtin_suites())))
-    print("Models:   " + ", ".join(MODELS.names()))
-    print("Datasets: " + ", ".join(DATASETS.names()))
+    print("Suites:")
+    for name, path in sorted(builtin_suites().items()):
+        print(f"  {name:<12} {read_suite_file(path).get('description', '')}")
+    print("Models:     " + ", ".join(MODELS.names()))
+    print("Datasets:   " + ", ".join(DATASETS.names()))
+    print("References: " + ", ".join(REFERENCES.names()))
 
 
 def _print_plan(trials: list[TrialSpec]) -> None:
@@ -193,7 +198,7 @@ def _csv_ints(text: str) -> list[int]:
         return [int(value) for value in _csv(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers such as 0,1,2, got {text!r}"
+            f"expected comma-separated integers, such as 0,1,2 or 20000,80000, got {text!r}"
         ) from None
 
 

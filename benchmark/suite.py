@@ -13,6 +13,7 @@ merges in to shrink the suite to a smoke test.
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import inspect
 import itertools
@@ -21,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -223,22 +224,28 @@ def load_suite(name_or_path: str, quick: bool = False, overrides: dict | None = 
             data["training"] = {**data.get("training", {}), **value}
         else:
             data[key] = value
-    return validate_suite(data, source=str(path))
+    return validate_suite(data, source=str(path), overridden=set(overrides or {}))
 
 
-def validate_suite(data: dict[str, Any], source: str = "<suite>") -> Suite:
-    """Check a suite's structure, then every name and parameter against the registries."""
+def validate_suite(
+    data: dict[str, Any], source: str = "<suite>", overridden: Collection[str] = ()
+) -> Suite:
+    """Check a suite's structure, then every name and parameter against the registries.
+
+    ``overridden`` names the top-level keys that came from the command line, so that an error
+    in one of them points to the option rather than to the file.
+    """
     try:
         suite = Suite.model_validate(data)
     except ValidationError as error:
         problems = "; ".join(
-            f"`{'.'.join(str(part) for part in issue['loc'])}`: {_describe(issue)}"
+            f"`{_key_path(issue['loc'])}`{_origin(issue['loc'], overridden)}: {_describe(issue)}"
             for issue in error.errors()
         )
         raise SuiteError(f"Invalid suite {source!r}: {problems}") from None
 
     for index, model in enumerate(suite.models):
-        _lookup(MODELS, model, f"models[{index}]", source)
+        _lookup(MODELS, model, f"models[{index}]", source, _origin(("models",), overridden))
     for model, options in suite.model_options.items():
         if model not in suite.models:
             raise SuiteError(
@@ -312,11 +319,11 @@ def plan_trials(suite: Suite) -> list[TrialSpec]:
     return trials
 
 
-def _lookup(registry, name: str, key: str, source: str):
+def _lookup(registry, name: str, key: str, source: str, origin: str = ""):
     try:
         return registry.get(name)
     except KeyError as error:
-        raise SuiteError(f"Invalid suite {source!r}: `{key}`: {error.args[0]}") from None
+        raise SuiteError(f"Invalid suite {source!r}: `{key}`{origin}: {error.args[0]}") from None
 
 
 def _check_keywords(factory, values: dict, key: str, source: str, reserved: tuple[str, ...]) -> None:
@@ -336,12 +343,36 @@ def _check_keywords(factory, values: dict, key: str, source: str, reserved: tupl
             )
 
 
+SECTION_MODELS = {(): Suite, ("training",): TrainingSection, ("datasets",): DatasetSection}
+OPTION_NAMES = {"models": "--models", "seeds": "--seeds", "budgets": "--budgets",
+                "training": "--max-epochs"}
+
+
+def _key_path(location: tuple) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _origin(location: tuple, overridden: Collection[str]) -> str:
+    top = location[0] if location else None
+    if top in overridden and top in OPTION_NAMES:
+        return f" (from {OPTION_NAMES[top]})"
+    return ""
+
+
 def _describe(issue: dict) -> str:
     if issue["type"] == "extra_forbidden":
-        return "unknown key; check its spelling against the documented suite keys"
+        section = tuple(part for part in issue["loc"][:-1] if not isinstance(part, int))
+        known = list(SECTION_MODELS.get(section, Suite).model_fields)
+        close = difflib.get_close_matches(str(issue["loc"][-1]), known, n=1)
+        hint = f"did you mean `{close[0]}`? " if close else ""
+        return f"unknown key; {hint}valid keys here: {', '.join(known)}"
     if issue["type"] == "missing":
         return "required key is missing"
-    return f"{issue['msg']} (got {issue.get('input')!r})"
+    message = issue["msg"].removeprefix("Value error, ")
+    return f"{message} (got {issue.get('input')!r})"
 
 
 def _deep_merge(base: dict, overlay: dict) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import urllib.error
@@ -25,7 +26,7 @@ from benchmark.tracking import (
     get_or_create_experiment,
     is_local_sqlite,
 )
-from benchmark.trial import SweepContext, TrialResult
+from benchmark.trial import SweepContext, TrialResult, load_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def run_sweep(
 
     done = {} if rerun else finished_runs(client, experiment_id)
     to_run = [spec for spec in trials if spec.trial_hash not in done]
+    _preflight_datasets(to_run)
 
     parent = client.create_run(
         experiment_id,
@@ -102,11 +104,39 @@ def run_sweep(
         client.set_terminated(parent_id, "KILLED")
         raise
 
-    outcome.report = _report(client, experiment_id, suite, trials, results_dir, parent_id)
+    # A quick run reports into its own folder, so it never replaces a full run's tables.
+    report_dir = results_dir / (f"{suite.name}-quick" if quick else suite.name)
+    outcome.report = _report(client, experiment_id, suite, trials, report_dir, parent_id)
     parent_logger.log_metrics({"trials_failed": len(outcome.failures), "trials_ran": outcome.ran})
     client.set_terminated(parent_id, "FAILED" if outcome.failures else "FINISHED")
-    _print_summary(outcome, results_dir / suite.name)
+    _print_summary(outcome, report_dir)
     return outcome
+
+
+def _preflight_datasets(trials: Sequence[TrialSpec]) -> None:
+    """Load each dataset setting once before any run exists, so a missing file, a failed
+    download or an invalid parameter stops the sweep with one message, not one per trial.
+
+    Loading also fills the adapters' on-disk caches, so the trials do not parse the data again.
+    """
+    seen = set()
+    for spec in trials:
+        key = (spec.dataset, dump_json({**spec.dataset_params, **spec.grid_point}))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            load_dataset(spec)
+        except Exception as error:
+            point = ", ".join(f"{k}={v}" for k, v in spec.grid_point.items()) or "no grid"
+            raise SweepError(
+                f"Dataset {spec.dataset!r} ({point}) could not be loaded, so no trial was run: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _end_running_children(client: MlflowClient, experiment_id: str, parent_id: str) -> None:
@@ -188,7 +218,7 @@ def _report(
     experiment_id: str,
     suite: Suite,
     trials: Sequence[TrialSpec],
-    results_dir: Path,
+    report_dir: Path,
     parent_id: str,
 ) -> Report:
     # The report reads the store back, so trials finished by an earlier, interrupted sweep count.
@@ -205,7 +235,7 @@ def _report(
         # A reference has no budget: it appears in the table of every budget.
         for budget in budgets:
             records.append({**record, "budget": budget, "model": f"{spec.model} (reference)"})
-    report = write_report(records, results_dir / suite.name, suite.name)
+    report = write_report(records, report_dir, suite.name)
     for path in report.files:
         client.log_artifact(parent_id, str(path), artifact_path="report")
     return report
@@ -226,10 +256,13 @@ def _print_summary(outcome: SweepOutcome, out_dir: Path) -> None:
     report = outcome.report
     if report is not None and report.text:
         print(report.text)
+    if report is not None and report.files:
         print(f"\nTables and plots written to {out_dir}")
     print(f"Trials run: {outcome.ran}, skipped (already finished): {outcome.skipped}, "
           f"failed: {len(outcome.failures)}.")
     for failure in outcome.failures:
         print(f"  FAILED {failure.name}: {failure.error}")
     print(f"MLflow parent run: {outcome.parent_run_id} in {outcome.tracking_uri}")
+    if is_local_sqlite(outcome.tracking_uri):
+        print(f"Browse it with: mlflow ui --backend-store-uri {outcome.tracking_uri}")
 

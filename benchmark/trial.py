@@ -205,7 +205,7 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     diagnostics = getattr(module.model, "diagnostics", dict)()
     final = {
         **module.test_metrics,
-        **{f"test/model/{name}": value for name, value in diagnostics.items()},
+        **{f"selected/{name}": value for name, value in diagnostics.items()},
         "param_count": parameters,
         "budget_error": (parameters - spec.budget) / spec.budget,
         "best_epoch": best.best_epoch,

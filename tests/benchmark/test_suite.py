@@ -47,7 +47,8 @@ def test_yaml_suite(tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     ("typo_key = 1\n", r"`typo_key`: unknown key"),
-    ("[training]\nmax_epoch = 3\n", r"`training.max_epoch`: unknown key"),
+    ("[training]\nmax_epoch = 3\n",
+     r"`training.max_epoch`: unknown key; did you mean `max_epochs`\? valid keys here: max_epochs"),
     ("[training]\nmax_epochs = 0\n", r"`training.max_epochs`: .*greater than or equal to 1"),
 ])
 def test_unknown_and_bad_keys_named(tmp_path, extra, message):
@@ -60,6 +61,11 @@ def test_unknown_and_bad_keys_named(tmp_path, extra, message):
         load_suite(str(path))
 
 
+def test_unknown_model_from_option_named(suite_file):
+    with pytest.raises(SuiteError, match=r"`models\[1\]` \(from --models\): Unknown model 'nope'"):
+        load_suite(str(suite_file), overrides={"models": ["mmoe", "nope"]})
+
+
 def test_unknown_model_named(tmp_path):
     path = write_suite(tmp_path, models=("mmoe", "mmeo"))
     with pytest.raises(SuiteError, match=r"`models\[1\]`: Unknown model 'mmeo'.*Did you mean"):
@@ -68,7 +74,7 @@ def test_unknown_model_named(tmp_path):
 
 def test_empty_grid_rejected(tmp_path):
     path = write_suite(tmp_path, correlations=())
-    with pytest.raises(SuiteError, match=r"`datasets.0.grid`: .*`correlation` is empty"):
+    with pytest.raises(SuiteError, match=r"`datasets\[0\].grid`: grid value list `correlation` is empty"):
         load_suite(str(path))
 
 

@@ -194,3 +194,34 @@ def test_killed_worker_fails_only_its_trial(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "failed: 2" in out
     assert "The worker process died while running this trial." in out
+
+
+def test_unloadable_dataset_stops_before_any_run(tmp_path, capsys):
+    empty = tmp_path / "no-census-here"
+    empty.mkdir()
+    suite = tmp_path / "census-missing.toml"
+    suite.write_text(
+        'name = "census-missing"\nmodels = ["mmoe", "shared_bottom"]\nbudgets = [50000]\n'
+        "seeds = [0, 1]\n"
+        '[[datasets]]\nname = "census"\n'
+        f'params = {{ data_dir = "{empty}", url = "http://127.0.0.1:9/census.zip", '
+        "download_timeout = 2.0 }\n"
+    )
+    results = tmp_path / "results"
+
+    assert run(suite, results) == 2
+
+    error = capsys.readouterr().err
+    assert "Dataset 'census' (no grid) could not be loaded, so no trial was run" in error
+    assert error.count("DownloadError") == 1
+    assert "http://127.0.0.1:9/census.zip" in error
+    _, parents, children = store_runs(results, "census-missing")
+    assert parents == [] and children == []
+
+
+def test_quick_report_has_own_folder(tmp_path, suite_file):
+    results = tmp_path / "results"
+    suite_file.write_text(suite_file.read_text() + "\n[quick]\nseeds = [0]\n")
+    assert run(suite_file, results, "--quick") == 0
+    assert (results / "tiny-quick" / "summary.csv").is_file()
+    assert not (results / "tiny").exists()
