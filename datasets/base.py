@@ -7,6 +7,8 @@ T tasks, O outputs of one task head, E experts, D hidden units.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Literal
 
@@ -149,6 +151,32 @@ class MultiTaskData:
 
 
 Batch = tuple[Tensor, tuple[Tensor, ...], "Tensor | None"]
+
+
+def config_signature(config_class: type) -> inspect.Signature:
+    """Return a factory signature with ``seed`` and one keyword per field of ``config_class``.
+
+    Suite validation reads a factory's signature to name unknown parameters before a sweep
+    starts, so adapters whose factory takes ``**params`` assign this to ``__signature__``.
+    """
+    fields = [
+        inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default)
+        for field in dataclasses.fields(config_class)
+    ]
+    return inspect.Signature(
+        [inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0), *fields]
+    )
+
+
+def config_from_params(config_class: type, params: dict[str, Any], dataset: str) -> Any:
+    """Build ``config_class`` from suite parameters, naming the valid ones when one is unknown."""
+    valid = {field.name for field in dataclasses.fields(config_class)}
+    unknown = sorted(set(params) - valid)
+    if unknown:
+        raise TypeError(
+            f"Unknown {dataset} parameter(s) {unknown}. Valid parameters are {sorted(valid)}."
+        )
+    return config_class(**params)
 
 
 class TensorBatches:

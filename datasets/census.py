@@ -37,11 +37,9 @@ that changes the result, so a sweep parses the files once.
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import hashlib
 import http.client
-import inspect
 import json
 import logging
 import os
@@ -61,7 +59,15 @@ import torch
 from tqdm.auto import tqdm
 
 from datasets import register_dataset
-from datasets.base import DATA_DIR_ENV, SPLITS, MultiTaskData, Split, TaskSpec
+from datasets.base import (
+    DATA_DIR_ENV,
+    SPLITS,
+    MultiTaskData,
+    Split,
+    TaskSpec,
+    config_from_params,
+    config_signature,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -314,26 +320,12 @@ def census(seed: int = 0, **params: Any) -> MultiTaskData:
     return load_census(make_config(params), seed=seed).data
 
 
-# Suite validation reads a factory's signature to name unknown parameters before a sweep starts,
-# so expose the configuration fields as keyword parameters.
-census.__signature__ = inspect.Signature(
-    [inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0)]
-    + [
-        inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default)
-        for field in dataclasses.fields(CensusConfig)
-    ]
-)
+census.__signature__ = config_signature(CensusConfig)
 
 
 def make_config(params: dict[str, Any]) -> CensusConfig:
     """Build a :class:`CensusConfig` and name the valid parameters when one is unknown."""
-    valid = {field.name for field in dataclasses.fields(CensusConfig)}
-    unknown = sorted(set(params) - valid)
-    if unknown:
-        raise TypeError(
-            f"Unknown census parameter(s) {unknown}. Valid parameters are {sorted(valid)}."
-        )
-    return CensusConfig(**params)
+    return config_from_params(CensusConfig, params, "census")
 
 
 def load_census(config: CensusConfig | None = None, seed: int = 0) -> CensusData:

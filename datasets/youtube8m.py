@@ -61,10 +61,8 @@ run only against a local server laid out like the official one.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import http.client
-import inspect
 import json
 import logging
 import math
@@ -95,6 +93,8 @@ from datasets.base import (
     MultiTaskData,
     StreamSplit,
     TaskSpec,
+    config_from_params,
+    config_signature,
 )
 from datasets.census import default_cache_root
 from datasets.tfrecord import ExampleError, count_records, parse_example, read_records
@@ -831,25 +831,12 @@ def youtube8m(seed: int = 0, **params: Any) -> MultiTaskData:
     return load_youtube8m(make_config(params), seed=seed)
 
 
-# Suite validation reads a factory's signature to name unknown parameters before a sweep starts.
-youtube8m.__signature__ = inspect.Signature(
-    [inspect.Parameter("seed", inspect.Parameter.KEYWORD_ONLY, default=0)]
-    + [
-        inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default)
-        for field in dataclasses.fields(YouTube8MConfig)
-    ]
-)
+youtube8m.__signature__ = config_signature(YouTube8MConfig)
 
 
 def make_config(params: dict[str, Any]) -> YouTube8MConfig:
     """Build a :class:`YouTube8MConfig` and name the valid parameters when one is unknown."""
-    valid = {field.name for field in dataclasses.fields(YouTube8MConfig)}
-    unknown = sorted(set(params) - valid)
-    if unknown:
-        raise TypeError(
-            f"Unknown youtube8m parameter(s) {unknown}. Valid parameters are {sorted(valid)}."
-        )
-    return YouTube8MConfig(**params)
+    return config_from_params(YouTube8MConfig, params, "youtube8m")
 
 
 def load_youtube8m(config: YouTube8MConfig | None = None, seed: int = 0) -> MultiTaskData:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -33,11 +31,13 @@ import sys
 import tempfile
 import textwrap
 import time
-from importlib import metadata
 from pathlib import Path
 
+from bench_support import machine_description, peak_rss_mib, write_section
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SECTION_TITLE = "## Census-Income parsing and encoding"
+SECTION_TITLE = "Census-Income parsing and encoding"
+CENSUS_PACKAGES = ("polars", "numpy", "torch", "pandas", "scikit-learn")
 VARIANTS = {
     "adapter": "adapter",
     "adapter_no_guard": "adapter, no leakage guard",
@@ -79,8 +79,8 @@ def main() -> None:
     table = format_table(results, args.repeats)
     print(table)
     if not args.no_docs:
-        write_section(Path(args.docs), document(table, test_file, results, args))
-        print(f"Wrote the section {SECTION_TITLE[3:]!r} of {args.docs}", file=sys.stderr)
+        write_section(Path(args.docs), SECTION_TITLE, document(table, test_file, results, args))
+        print(f"Wrote the section {SECTION_TITLE!r} of {args.docs}", file=sys.stderr)
 
 
 def parse_arguments() -> argparse.Namespace:
@@ -125,10 +125,6 @@ def summarise(runs: list[dict[str, float]]) -> dict[str, float]:
         "features": runs[0]["features"],
         "rows": runs[0]["rows"],
     }
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def run_child(variant: str, data_dir: Path, cache_dir: Path) -> dict[str, float]:
@@ -221,26 +217,6 @@ def format_table(results: dict[str, dict[str, float]], repeats: int) -> str:
     return "\n".join(lines)
 
 
-def machine_description() -> str:
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    versions = ", ".join(
-        f"{package} {metadata.version(package)}"
-        for package in ("polars", "numpy", "torch", "pandas", "scikit-learn")
-    )
-    return (
-        f"{model}, {cores} cores, {memory_gib:.0f} GiB RAM, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}; {versions}"
-    )
-
-
 def document(
     table: str, test_file: Path, results: dict[str, dict[str, float]], args: argparse.Namespace
 ) -> str:
@@ -257,7 +233,7 @@ def document(
         f"maximum over the runs and includes the imports. polars parses on all cores, while the "
         f"C parser of pandas and the scikit-learn encoders run on one."
     )
-    return f"""{SECTION_TITLE}
+    return f"""## {SECTION_TITLE}
 
 {textwrap.fill(summary, width=100)}
 
@@ -270,27 +246,10 @@ def document(
 
 Command: `{command}`
 
-Machine: {machine_description()}
+Machine: {machine_description(CENSUS_PACKAGES)}
 
 {table}
 """
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace the section in ``path``, or append it, creating the file with a title if needed."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_TITLE), None)
-    if start is None:
-        updated = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        rest = "".join(lines[end:])
-        updated = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(updated)
 
 
 if __name__ == "__main__":
