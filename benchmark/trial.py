@@ -203,8 +203,10 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
         verbose=False,
     )
     diagnostics = getattr(module.model, "diagnostics", dict)()
+    serving = _serving_metrics(module.model, data, trainer, training["eval_batch_size"], workers)
     final = {
         **module.test_metrics,
+        **serving,
         **{f"selected/{name}": value for name, value in diagnostics.items()},
         "param_count": parameters,
         "budget_error": (parameters - spec.budget) / spec.budget,
@@ -215,6 +217,30 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     }
     run_logger.log_metrics(final)
     return final
+
+
+def _serving_metrics(
+    model: torch.nn.Module, data: MultiTaskData, trainer: pl.Trainer, batch_size: int, workers: int
+) -> dict[str, float]:
+    """Count the parameters of the module a model deploys and test it when it differs.
+
+    SNR drops the connections its gates closed; the pruned module's test metrics are logged
+    under ``test_serving/`` so that a reader can check they match ``test/``.
+    """
+    serving = getattr(model, "serving_module", lambda: model)()
+    metrics = {"serving_param_count": count_parameters(serving)}
+    if serving is model:
+        return metrics
+
+    serving_module = MultiTaskModule(serving.eval(), data.tasks)
+    trainer.test(
+        serving_module,
+        dataloaders=make_loader(data.splits["test"], batch_size, num_workers=workers),
+        verbose=False,
+    )
+    for name, value in serving_module.test_metrics.items():
+        metrics[name.replace("test/", "test_serving/", 1)] = value
+    return metrics
 
 
 def _fit_reference(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:

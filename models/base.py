@@ -17,6 +17,10 @@ class MultiTaskModel(nn.Module):
         """Return named scalar terms that training adds to the loss, such as an L0 penalty."""
         return {}
 
+    def serving_module(self) -> nn.Module:
+        """Return the module to deploy for inference; models that prune override this."""
+        return self
+
     def diagnostics(self) -> dict[str, float]:
         """Return named scalars that describe the model's current state, logged every epoch."""
         return {}

@@ -23,6 +23,7 @@ Both variants therefore have one hidden layer per layer of sub-networks.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Sequence
 
@@ -169,6 +170,10 @@ class SNR(MultiTaskModel):
     def regularization_losses(self) -> dict[str, Tensor]:
         return {"l0_penalty": self.l0_strength * self.expected_l0()}
 
+    def serving_module(self) -> "ServingSNR":
+        """Return an inference copy without the connections whose gates are closed."""
+        return prune_for_serving(self)
+
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
         """Return the fraction of connections whose evaluation-mode gate is above 0."""
@@ -208,3 +213,106 @@ def snr_aver(
 ) -> SNR:
     """Build SNR-Aver: gated averages of sub-network outputs, no per-connection matrices."""
     return SNR(input_dim, task_dims, width, tower_hidden=tower_hidden, transform=False, **options)
+
+
+
+def prune_for_serving(model: SNR) -> "ServingSNR":
+    """Return an inference copy of ``model`` without the connections its gates closed."""
+    return ServingSNR(model)
+
+
+class ServingSNR(nn.Module):
+    """An SNR network for inference with its closed connections removed.
+
+    Built by :func:`prune_for_serving` from a trained :class:`SNR`. Every coding variable is
+    frozen at its evaluation value. Connections whose gate is exactly 0 are dropped with their
+    matrices, and so is every sub-network whose output no open path carries to a tower. The
+    outputs equal the trained model's in evaluation mode, up to floating-point rounding.
+    """
+
+    def __init__(self, model: SNR) -> None:
+        super().__init__()
+        gates = [_evaluation_gate(gate).detach() for gate in model.gates()]  # (I, J) per routing
+        live = _live_units(gates)
+        width = model.first_layer.output_dim
+
+        self.first_units = live[0]
+        first_weight, first_bias = model.first_layer.weights[0], model.first_layer.biases[0]
+        self.first_weight = nn.Parameter(first_weight[live[0]].detach().clone())  # (J, F, D)
+        self.first_bias = nn.Parameter(first_bias[live[0]].detach().clone())  # (J, D)
+
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                _ServingUnit(unit, gates[depth][unit], live[depth], width, layer.routing, layer)
+                for unit in live[depth + 1]
+            )
+            for depth, layer in enumerate(model.layers)
+        )
+        self.task_inputs = nn.ModuleList(
+            _ServingUnit(task, gates[-1][task], live[-1], width, model.task_routing)
+            for task in range(len(model.towers))
+        )
+        self.towers = copy.deepcopy(model.towers)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        first = torch.relu(torch.einsum("bf,jfd->bjd", x, self.first_weight) + self.first_bias)
+        hidden = {unit: first[:, index] for index, unit in enumerate(self.first_units)}
+        for layer in self.layers:
+            hidden = {unit.index: torch.relu(unit(hidden, x)) for unit in layer}
+
+        return [tower(unit(hidden, x)) for tower, unit in zip(self.towers, self.task_inputs)]
+
+
+class _ServingUnit(nn.Module):
+    """One upper sub-network, or one tower's input, with only its open incoming connections."""
+
+    def __init__(
+        self,
+        index: int,
+        z: Tensor,
+        lower_live: Sequence[int],
+        width: int,
+        routing: Routing,
+        layer: SubNetworkLayer | None = None,
+    ) -> None:
+        super().__init__()
+        self.index = index
+        self.width = width
+        self.sources = [j for j in lower_live if z[j] > 0]
+        self.register_buffer("z", z[self.sources].clone())  # (J_open,)
+
+        self.weight = None  # (J_open, D, D): SNR-Trans matrices of the open connections
+        if routing.weight is not None and self.sources:
+            self.weight = nn.Parameter(routing.weight[index, self.sources].detach().clone())
+        self.bias = None  # (D,): sub-networks only, tower inputs have none
+        self.average_weight = None  # (D, D): SNR-Aver sub-networks with an open input only
+        if layer is not None:
+            self.bias = nn.Parameter(layer.bias[index].detach().clone())
+            if layer.weight is not None and self.sources:
+                self.average_weight = nn.Parameter(layer.weight[index].detach().clone())
+
+    def forward(self, lower: dict[int, Tensor], x: Tensor) -> Tensor:
+        if not self.sources:
+            routed = x.new_zeros(x.shape[0], self.width)
+        else:
+            stacked = torch.stack([lower[j] for j in self.sources], dim=1)  # (B, J_open, D)
+            if self.weight is not None:
+                routed = torch.einsum("j,jhd,bjd->bh", self.z, self.weight, stacked)  # (B, D)
+            else:
+                routed = torch.einsum("j,bjd->bd", self.z, stacked)  # (B, D)
+        if self.average_weight is not None:
+            routed = routed @ self.average_weight.T
+        return routed if self.bias is None else routed + self.bias
+
+
+def _live_units(gates: list[Tensor]) -> list[list[int]]:
+    """Return, per layer of sub-networks, those with an open path to some tower.
+
+    ``gates`` holds the (I, J) evaluation gates of every routing, bottom first, task routing
+    last. A sub-network whose own inputs are all closed still counts when it feeds a tower,
+    because its bias alone gives it a constant output.
+    """
+    live = [sorted(j for j in range(gates[-1].shape[1]) if (gates[-1][:, j] > 0).any())]
+    for z in reversed(gates[:-1]):
+        live.insert(0, sorted({j for i in live[0] for j in range(z.shape[1]) if z[i, j] > 0}))
+    return live

@@ -225,3 +225,20 @@ def test_quick_report_has_own_folder(tmp_path, suite_file):
     assert run(suite_file, results, "--quick") == 0
     assert (results / "tiny-quick" / "summary.csv").is_file()
     assert not (results / "tiny").exists()
+
+
+def test_snr_trial_logs_serving_module(tmp_path):
+    suite = write_suite(tmp_path, models=("snr_aver", "mmoe"), seeds=(0,), correlations=(0.5,))
+    suite.write_text(suite.read_text() + "\n[model_options.snr_aver]\ngate_init = 0.0\n")
+    results = tmp_path / "results"
+    assert run(suite, results) == 0
+
+    _, _, children = store_runs(results)
+    metrics = {c.data.tags["model"]: c.data.metrics for c in children}
+    snr, mmoe = metrics["snr_aver"], metrics["mmoe"]
+    for task in ("task1", "task2"):
+        assert snr[f"test_serving/{task}/mse"] == pytest.approx(snr[f"test/{task}/mse"], rel=1e-5)
+    assert snr["serving_param_count"] < snr["param_count"]
+    assert mmoe["serving_param_count"] == mmoe["param_count"]
+    assert "test_serving/task1/mse" not in mmoe
+    assert 0.0 <= snr["selected/open_fraction"] <= 1.0

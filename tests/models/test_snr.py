@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.layers import HardConcreteGate
-from models.snr import SNR, snr_aver, snr_trans
+from models.snr import SNR, prune_for_serving, snr_aver, snr_trans
 
 
 def gate_with(log_alpha: float, **options) -> HardConcreteGate:
@@ -146,3 +146,46 @@ def test_l0_penalty_and_diagnostics():
 def test_invalid_options_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         snr_trans(input_dim=4, task_dims=(1,), width=3, **bad)
+
+
+def close_some_gates(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in model.gates():
+            closed = torch.rand(gate.log_alpha.shape, generator=generator) < 0.4
+            gate.log_alpha.masked_fill_(closed, -10.0)
+
+
+@pytest.mark.parametrize("factory", [snr_trans, snr_aver])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pruned_serving_equals_eval_model(factory, seed):
+    torch.manual_seed(seed)
+    model = factory(input_dim=6, task_dims=(1, 2), width=5, subnetworks=(3, 3)).eval()
+    close_some_gates(model, seed)
+    serving = prune_for_serving(model).eval()
+    x = torch.randn(7, 6)
+    for expected, actual in zip(model(x), serving(x)):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pruning_removes_closed_matrices():
+    torch.manual_seed(0)
+    model = snr_trans(input_dim=6, task_dims=(1, 1), width=4, subnetworks=(2, 2)).eval()
+    with torch.no_grad():
+        model.task_routing.gate.log_alpha.copy_(torch.tensor([[3.0, -10.0], [3.0, -10.0]]))
+    serving = prune_for_serving(model)
+    full = sum(p.numel() for p in model.parameters())
+    pruned = sum(p.numel() for p in serving.parameters())
+    # Upper sub-network 1 feeds no tower, so its two incoming 4x4 matrices and bias go, and
+    # each tower loses one 4x4 matrix. Every log_alpha (8 values) goes too.
+    assert full - pruned == 2 * 16 + 4 + 2 * 16 + 8
+    torch.testing.assert_close(serving(torch.ones(2, 6))[0], model(torch.ones(2, 6))[0])
+
+
+def test_pruning_drops_unused_first_layer_subnetwork():
+    model = snr_aver(input_dim=6, task_dims=(1,), width=4, subnetworks=(3, 2)).eval()
+    with torch.no_grad():
+        model.layers[0].routing.gate.log_alpha[:, 2] = -10.0  # nothing reads sub-network 2
+    serving = prune_for_serving(model)
+    assert serving.first_units == [0, 1]
+    assert serving.first_weight.shape == (2, 6, 4)
