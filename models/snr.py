@@ -1,7 +1,7 @@
 """Sub-Network Routing (SNR-Trans and SNR-Aver).
 
 Ma, Zhao, Chen, Li, Hong and Chi, "SNR: Sub-Network Routing for Flexible Parameter Sharing in
-Multi-Task Learning", AAAI 2019 (https://doi.org/10.1609/aaai.v33i01.3301216).
+Multi-Task Learning", AAAI 2019 (https://ojs.aaai.org/index.php/AAAI/article/view/3788).
 
 The shared bottom is split into layers of sub-networks. Every connection from sub-network j of
 one layer to sub-network i of the next carries a scalar coding variable z_ij, a hard-concrete gate
@@ -176,7 +176,7 @@ class SNR(MultiTaskModel):
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
-        """Return the fraction of connections whose evaluation-mode gate is above 0."""
+        """Return the number and the fraction of connections whose evaluation-mode gate is above 0."""
         open_count, total = 0, 0
         for gate in self.gates():
             z = _evaluation_gate(gate)
