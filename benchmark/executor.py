@@ -58,12 +58,16 @@ def run_local(
         return
 
     # When a worker dies, the pool stops every worker, so the trials running beside the one at
-    # fault die too. Each such trial is retried once; one that kills its worker twice fails.
+    # fault die too. Those are retried as if they had not started; a trial whose own worker
+    # died is retried once, then failed.
     crashes: Counter[str] = Counter()
     pending = list(trials)
     while pending:
         not_started, crashed = _run_pool(pending, context, workers, on_result, plugins)
-        for spec, run_id in crashed:
+        for spec, run_id, at_fault in crashed:
+            if not at_fault:
+                not_started.append(spec)
+                continue
             crashes[spec.trial_hash] += 1
             if crashes[spec.trial_hash] < MAX_CRASHES:
                 not_started.append(spec)
@@ -88,12 +92,12 @@ def _run_pool(
     workers: int,
     on_result: ResultCallback,
     plugins: Sequence[str],
-) -> tuple[list[TrialSpec], list[tuple[TrialSpec, str]]]:
+) -> tuple[list[TrialSpec], list[tuple[TrialSpec, str, bool]]]:
     """Run trials in one pool until they finish or the pool breaks.
 
     Returns:
-        The trials that never started, and the trials (with their run ids) that were running
-        when a worker died.
+        The trials that never started, and the trials that were running when a worker died,
+        each with its run id and whether it ran in the worker that died.
     """
     # "spawn" gives each worker a clean interpreter: forking a process that has started torch's
     # thread pools can deadlock.
@@ -107,6 +111,9 @@ def _run_pool(
     ) as pool:
         for spec in trials:
             futures[pool.submit(run_trial, spec, context)] = spec
+        # NOTE: the pool's process table is private, but it is the only way to learn which
+        # worker died; it is read after submitting, when every worker has been started.
+        processes = list((getattr(pool, "_processes", None) or {}).values())
 
         try:
             broken, not_started = _collect_results(futures, on_result)
@@ -116,7 +123,17 @@ def _run_pool(
 
     if not broken:
         return [], []
-    return _split_lost_trials(not_started, context)
+    return _split_lost_trials(not_started, context, on_result, _dead_worker_pids(processes))
+
+
+def _dead_worker_pids(processes: list) -> set[str]:
+    """Return the ids of workers that died by themselves rather than being stopped by the pool."""
+    dead = set()
+    for process in processes:
+        process.join(timeout=10)
+        if process.exitcode not in (None, 0, -signal.SIGTERM):
+            dead.add(str(process.pid))
+    return dead
 
 
 def _collect_results(
@@ -152,10 +169,11 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 
 
 def _split_lost_trials(
-    lost: list[TrialSpec], context: SweepContext
-) -> tuple[list[TrialSpec], list[tuple[TrialSpec, str]]]:
-    # A trial whose child run already exists was running when its worker died: its run is
-    # marked FAILED. The others never started.
+    lost: list[TrialSpec], context: SweepContext, on_result: ResultCallback, dead_pids: set[str]
+) -> tuple[list[TrialSpec], list[tuple[TrialSpec, str, bool]]]:
+    # The pool fails every future it had not yet delivered, so the store decides what happened:
+    # a FINISHED run finished before the worker died, a RUNNING run was cut off and is marked
+    # FAILED, and a trial without a run never started.
     from mlflow.tracking import MlflowClient
 
     from benchmark.tracking import PARENT_TAG, TRIAL_HASH_TAG
@@ -166,13 +184,20 @@ def _split_lost_trials(
         runs = client.search_runs(
             [context.experiment_id],
             filter_string=f"tags.{TRIAL_HASH_TAG} = '{spec.trial_hash}' and "
-            f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and attributes.status = 'RUNNING'",
+            f"tags.`{PARENT_TAG}` = '{context.parent_run_id}'",
         )
-        if runs:
-            for run in runs:
+        finished = [run for run in runs if run.info.status == "FINISHED"]
+        running = [run for run in runs if run.info.status == "RUNNING"]
+        if finished:
+            run = finished[0]
+            on_result(TrialResult(spec.trial_hash, spec.name, "FINISHED", run.info.run_id,
+                                  metrics=dict(run.data.metrics)))
+        elif running:
+            for run in running:
                 client.set_tag(run.info.run_id, "error", "The worker process died.")
                 client.set_terminated(run.info.run_id, "FAILED")
-            crashed.append((spec, runs[0].info.run_id))
+            at_fault = running[0].data.tags.get("worker_pid") in dead_pids
+            crashed.append((spec, running[0].info.run_id, at_fault))
         else:
             not_started.append(spec)
     return not_started, crashed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import signal
 import time
 import traceback
@@ -280,6 +281,7 @@ def _run_tags(spec: TrialSpec, context: SweepContext) -> dict[str, str]:
         "dataset": spec.dataset,
         "seed": str(spec.seed),
         "kind": spec.kind,
+        "worker_pid": str(os.getpid()),
         **{f"grid.{key}": str(value) for key, value in spec.grid_point.items()},
     }
     if spec.kind == "model":
