@@ -144,7 +144,6 @@ class MultiTaskModule(pl.LightningModule):
             totals.names = [f"{task.name}/loss" for task in self.tasks] + list(regularization)
             totals.sum = torch.zeros_like(terms)
         totals.sum += terms.detach()
-        totals.loss += loss.detach()
         totals.batches += 1
 
         optimizer = self.optimizers()
@@ -271,15 +270,16 @@ class _RunningTotals:
 
     def __init__(self) -> None:
         self.names: list[str] | None = None
-        self.sum: Tensor | None = None
-        self.loss: Tensor | float = 0.0
+        self.sum: Tensor | None = None  # (T + R,): per-task losses, then regularisation terms
         self.batches = 0
 
     def means(self, stage: str) -> dict[str, float]:
         if not self.batches:
             return {}
-        metrics = {f"{stage}/loss": float(self.loss) / self.batches}
-        for name, value in zip(self.names, (self.sum / self.batches).tolist()):
+        means = (self.sum / self.batches).tolist()
+        # The training loss is the sum of its terms, so its mean is the sum of their means.
+        metrics = {f"{stage}/loss": sum(means)}
+        for name, value in zip(self.names, means):
             metrics[f"{stage}/{name}"] = value
         return metrics
 
