@@ -112,7 +112,7 @@ def _run_pool(
         for spec in trials:
             futures[pool.submit(run_trial, spec, context)] = spec
         # NOTE: the pool's process table is private, but it is the only way to learn which
-        # worker died; it is read after submitting, when every worker has been started.
+        # worker died. It is read after submitting, when every worker has been started.
         processes = list((getattr(pool, "_processes", None) or {}).values())
 
         try:
@@ -171,9 +171,9 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
 def _split_lost_trials(
     lost: list[TrialSpec], context: SweepContext, on_result: ResultCallback, dead_pids: set[str]
 ) -> tuple[list[TrialSpec], list[tuple[TrialSpec, str, bool]]]:
-    # The pool fails every future it had not yet delivered, so the store decides what happened:
-    # a FINISHED run finished before the worker died, a RUNNING run was cut off and is marked
-    # FAILED, and a trial without a run never started.
+    # The pool fails every future it had not yet delivered, so the store decides what happened.
+    # A FINISHED run finished before the worker died. A RUNNING run was cut off and is marked
+    # FAILED. A trial without a run never started.
     from mlflow.tracking import MlflowClient
 
     from benchmark.tracking import PARENT_TAG, TRIAL_HASH_TAG

@@ -2,7 +2,7 @@
 
 For every task metric (``test/<task>/<metric>``), trials are grouped by dataset, grid point,
 budget and model. The interval is mean +- t(0.975, n - 1) * s / sqrt(n), with s the sample
-standard deviation over the n seeds; it is undefined (empty) for a single seed.
+standard deviation over the n seeds. It is undefined (empty) for a single seed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Report:
 def trial_frame(records: Sequence[dict[str, Any]]) -> pl.DataFrame:
     """Build one row per finished trial from records with spec fields and final metrics.
 
-    Each record holds ``dataset``, ``model``, ``budget``, ``seed``, ``grid`` (a dict) and
+    Each record contains ``dataset``, ``model``, ``budget``, ``seed``, ``grid`` (a dict) and
     ``metrics`` (a dict).
     """
     rows = []
@@ -104,7 +104,7 @@ def _half_width(std: float | None, n: int) -> float:
 def format_tables(summary: pl.DataFrame, difference_to: str | None = None) -> str:
     """Render one text table per dataset, budget and metric: models by grid point, mean +- CI.
 
-    With ``difference_to`` set, the values are differences to that model and the titles say so.
+    With ``difference_to`` set, the values are differences to that model, and the titles state it.
     """
     grid_columns = [c for c in summary.columns if c.startswith("grid.")]
     blocks = []

@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--data-dir {str(args.data_dir)!r} is not a folder. Pass the folder that holds "
                 f"the data sets' subfolders, such as census-income/."
             )
-        # Worker processes inherit the environment, so every trial sees the same folder.
+        # Worker processes inherit the environment, so every trial reads the same folder.
         os.environ[DATA_DIR_ENV] = str(args.data_dir.resolve())
 
     try:

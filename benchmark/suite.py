@@ -6,7 +6,7 @@ passes a path to run their own. A suite is validated whole before any trial runs
 unknown model or dataset names, empty grids and out-of-range values raise :class:`SuiteError`
 naming the key.
 
-The optional ``quick`` table holds overrides, in the same layout as the suite, that ``--quick``
+The optional ``quick`` table contains overrides, in the same layout as the suite, that ``--quick``
 merges in to shrink the suite to a smoke test.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import inspect
 import itertools
@@ -286,36 +287,21 @@ def plan_trials(suite: Suite) -> list[TrialSpec]:
     for dataset in suite.datasets:
         keys = list(dataset.grid)
         for values in itertools.product(*(dataset.grid[key] for key in keys)):
-            grid_point = dict(zip(keys, values))
+            point = functools.partial(
+                TrialSpec,
+                suite=suite.name,
+                dataset=dataset.name,
+                dataset_params=copy.deepcopy(dataset.params),
+                grid_point=dict(zip(keys, values)),
+            )
             for budget, model, seed in itertools.product(suite.budgets, suite.models, suite.seeds):
-                trials.append(
-                    TrialSpec(
-                        suite=suite.name,
-                        dataset=dataset.name,
-                        dataset_params=copy.deepcopy(dataset.params),
-                        grid_point=grid_point,
-                        model=model,
-                        model_options=copy.deepcopy(suite.model_options.get(model, {})),
-                        budget=budget,
-                        seed=seed,
-                        training=dict(training),
-                    )
-                )
+                options = copy.deepcopy(suite.model_options.get(model, {}))
+                trials.append(point(model=model, model_options=options, budget=budget, seed=seed,
+                                    training=dict(training)))
             for reference, seed in itertools.product(suite.references, suite.seeds):
-                trials.append(
-                    TrialSpec(
-                        suite=suite.name,
-                        dataset=dataset.name,
-                        dataset_params=copy.deepcopy(dataset.params),
-                        grid_point=grid_point,
-                        model=reference,
-                        model_options=copy.deepcopy(suite.reference_options.get(reference, {})),
-                        budget=0,
-                        seed=seed,
-                        training={},
-                        kind="reference",
-                    )
-                )
+                options = copy.deepcopy(suite.reference_options.get(reference, {}))
+                trials.append(point(model=reference, model_options=options, budget=0, seed=seed,
+                                    training={}, kind="reference"))
     return trials
 
 
@@ -351,7 +337,12 @@ OPTION_NAMES = {"models": "--models", "seeds": "--seeds", "budgets": "--budgets"
 def _key_path(location: tuple) -> str:
     path = ""
     for part in location:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif path:
+            path += f".{part}"
+        else:
+            path = str(part)
     return path
 
 

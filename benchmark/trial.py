@@ -7,6 +7,7 @@ returns a failed :class:`TrialResult`, so the sweep goes on.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -57,7 +58,7 @@ class TrialResult:
 class BestEpoch(pl.Callback):
     """Keep the weights of the epoch with the best validation selection score, in memory.
 
-    Model selection sees validation metrics only; the test split is evaluated once, later, on the
+    Model selection reads validation metrics only; the test split is evaluated once, later, on the
     weights kept here. With ``patience`` set, training stops after that many epochs without gain.
     """
 
@@ -81,8 +82,8 @@ class EpochMetricsLogger(pl.Callback):
     """Send each epoch's metrics to MLflow with the epoch as the step.
 
     A write to a SQLite store costs about 10 ms, as much as several training steps of a small
-    model, so epochs are buffered and sent together at most every ``flush_seconds``, and at the
-    end of training, whether it ends normally or with an error.
+    model. Epochs are therefore buffered and sent together at most every ``flush_seconds``, and
+    once more when training ends, normally or with an error.
     """
 
     def __init__(self, run_logger: RunLogger, flush_seconds: float = 5.0) -> None:
@@ -112,15 +113,11 @@ class EpochMetricsLogger(pl.Callback):
 
 @lru_cache(maxsize=4)
 def _load_dataset_cached(name: str, seed: int, params_json: str) -> MultiTaskData:
-    import json
-
     return DATASETS.build(name, seed=seed, **json.loads(params_json))
 
 
 def load_dataset(spec: TrialSpec) -> MultiTaskData:
     """Build the trial's dataset; consecutive trials on the same data in one process share it."""
-    import json
-
     params = {**spec.dataset_params, **spec.grid_point}
     return _load_dataset_cached(spec.dataset, spec.seed, json.dumps(params, sort_keys=True))
 

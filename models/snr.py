@@ -308,7 +308,7 @@ class _ServingUnit(nn.Module):
 def _live_units(gates: list[Tensor]) -> list[list[int]]:
     """Return, per layer of sub-networks, those with an open path to some tower.
 
-    ``gates`` holds the (I, J) evaluation gates of every routing, bottom first, task routing
+    ``gates`` contains the (I, J) evaluation gates of every routing, bottom first, task routing
     last. A sub-network whose own inputs are all closed still counts when it feeds a tower,
     because its bias alone gives it a constant output.
     """

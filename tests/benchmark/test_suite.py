@@ -15,7 +15,8 @@ def test_builtin_correlation_suite_plan():
     )
     correlations = sorted({t.grid_point["correlation"] for t in trials})
     assert {0.5, 0.7, 0.9, 1.0} <= set(correlations)
-    assert len(suite.budgets) == 1 and len(suite.seeds) >= 3
+    assert len(suite.budgets) == 1
+    assert len(suite.seeds) >= 3
     assert len(trials) == len(suite.models) * len(correlations) * len(suite.seeds)
     assert len({t.trial_hash for t in trials}) == len(trials)
 

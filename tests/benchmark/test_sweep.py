@@ -32,7 +32,8 @@ def test_sweep_logs_every_trial_and_report(tmp_path, suite_file, capsys):
     assert run(suite_file, results) == 0
 
     client, parents, children = store_runs(results)
-    assert len(parents) == 1 and len(children) == 2 * 2 * 2
+    assert len(parents) == 1
+    assert len(children) == 2 * 2 * 2
     parent = parents[0]
     for child in children:
         assert child.info.status == "FINISHED"
@@ -111,7 +112,8 @@ def test_failing_trial_is_isolated(tmp_path, capsys):
     assert "RuntimeError: exploded on purpose" in trace
     assert parents[0].info.status == "FAILED"
     out = capsys.readouterr().out
-    assert "failed: 1" in out and "FAILED exploding" in out
+    assert "failed: 1" in out
+    assert "FAILED exploding" in out
 
 
 @pytest.mark.slow
@@ -120,7 +122,8 @@ def test_two_workers_share_fresh_store(tmp_path):
     suite = write_suite(tmp_path, models=("shared_bottom", "mmoe", "omoe"), seeds=(0, 1))
     assert run(suite, results, "--workers", "2") == 0
     client, parents, children = store_runs(results)
-    assert len(parents) == 1 and len(children) == 12
+    assert len(parents) == 1
+    assert len(children) == 12
     assert all(c.info.status == "FINISHED" for c in children)
     for child in children:
         history = client.get_metric_history(child.info.run_id, "train/loss")
@@ -131,7 +134,8 @@ def test_two_workers_share_fresh_store(tmp_path):
 def test_list_and_dry_run(tmp_path, suite_file, capsys):
     assert main(["--list"]) == 0
     listing = capsys.readouterr().out
-    assert "correlation" in listing and "snr_trans" in listing and "synthetic" in listing
+    for name in ("correlation", "snr_trans", "synthetic", "sklearn_gbdt"):
+        assert name in listing
 
     results = tmp_path / "results"
     assert run(suite_file, results, "--dry-run", "--models", "mmoe", "--seeds", "3") == 0
@@ -216,7 +220,8 @@ def test_unloadable_dataset_stops_before_any_run(tmp_path, capsys):
     assert error.count("DownloadError") == 1
     assert "http://127.0.0.1:9/census.zip" in error
     _, parents, children = store_runs(results, "census-missing")
-    assert parents == [] and children == []
+    assert parents == []
+    assert children == []
 
 
 def test_quick_report_has_own_folder(tmp_path, suite_file):

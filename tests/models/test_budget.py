@@ -1,4 +1,4 @@
-"""The budget sizer hits its targets for every registered model and says when it cannot."""
+"""The budget sizer hits its targets for every registered model and raises when it cannot."""
 
 import pytest
 import torch

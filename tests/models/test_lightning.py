@@ -58,8 +58,8 @@ class FixedScores(torch.nn.Module):
         return [x[:, :1] + 0 * self.unused]
 
 
-def test_validation_auc_is_over_whole_epoch_not_batch_mean():
-    # Batch 1 holds scores that rank well only against batch 2, so per-batch AUCs differ from
+def test_auc_over_epoch_not_batches():
+    # Batch 1 contains scores that rank well only against batch 2, so per-batch AUCs differ from
     # the AUC of the epoch.
     scores = torch.tensor([0.1, 0.2, 0.9, 0.8, 0.3, 0.7, 0.4, 0.6])
     labels = torch.tensor([0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
@@ -90,7 +90,8 @@ def test_fit_reports_epoch_metrics():
     metrics = module.epoch_metrics
     for key in ("train/loss", "train/reg/loss", "train/cls/loss", "val/reg/mse", "val/cls/auc",
                 "val/selection_score"):
-        assert key in metrics and math.isfinite(metrics[key])
+        assert key in metrics
+        assert math.isfinite(metrics[key])
     assert metrics["val/selection_score"] == pytest.approx(
         (metrics["val/cls/auc"] - metrics["val/reg/mse"]) / 2
     )
