@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import polars as pl
 from scipy import stats
 
+from benchmark.figures import plot, plot_against_size, plot_routing
+
 TASK_METRIC = re.compile(r"^test/(?P<task>[^/]+)/(?P<metric>[^/]+)$")
 GROUP_COLUMNS = ("dataset", "budget", "model")
 LOWER_IS_BETTER = {"mse", "loss"}
@@ -116,9 +118,11 @@ def format_tables(summary: pl.DataFrame, difference_to: str | None = None) -> st
         if difference_to is not None:
             title = (f"{metric} minus that of {difference_to}, paired by seed, on {dataset}, "
                      f"budget {budget:,} parameters ({better} is better)")
+        sign = -1.0 if better == "lower" else 1.0
         cells = group.with_columns(
             cell=pl.struct("mean", "ci95").map_elements(
-                lambda row: _cell(row["mean"], row["ci95"]), return_dtype=pl.String
+                lambda row, sign=sign: _cell(row["mean"], row["ci95"], sign if difference_to else None),
+                return_dtype=pl.String,
             ),
             point=_grid_label(grid_columns),
         )
@@ -134,10 +138,52 @@ def _grid_label(grid_columns: list[str]) -> pl.Expr:
     return pl.concat_str(parts, separator=" ")
 
 
-def _cell(mean: float, half_width: float | None) -> str:
+def _cell(mean: float, half_width: float | None, sign: float | None = None) -> str:
+    """Format mean ± CI; for a difference (``sign`` +1 when higher is better, -1 when lower
+    is), mark an interval that excludes 0 as ``(helps)`` or ``(hurts)``."""
     if half_width is None or math.isnan(half_width):
         return f"{mean:.4f}"
-    return f"{mean:.4f} ± {half_width:.4f}"
+    text = f"{mean:.4f} ± {half_width:.4f}"
+    if sign is not None and abs(mean) > half_width:
+        text += " (helps)" if sign * mean > 0 else " (hurts)"
+    return text
+
+
+def transfer_verdicts(differences: pl.DataFrame) -> pl.DataFrame:
+    """Label each paired difference to the baseline: ``helps``, ``hurts`` or ``unclear``.
+
+    A model helps (or hurts) at a sweep point when the 95 % interval of its difference to the
+    single-task baseline lies entirely on the better (or worse) side of 0. Negative transfer is
+    a ``hurts``. Rows with one seed, whose interval is undefined, are ``unclear``.
+    """
+    lower_better = pl.col("metric").str.split("/").list.last().is_in(list(LOWER_IS_BETTER))
+    gain = pl.when(lower_better).then(-pl.col("mean")).otherwise(pl.col("mean"))
+    return differences.with_columns(
+        verdict=pl.when(pl.col("ci95").is_nan() | (pl.col("mean").abs() <= pl.col("ci95")))
+        .then(pl.lit("unclear"))
+        .when(gain > 0)
+        .then(pl.lit("helps"))
+        .otherwise(pl.lit("hurts"))
+    )
+
+
+def format_transfer(verdicts: pl.DataFrame, baseline: str) -> str:
+    """Render the sweep points where sharing hurts, as one markdown table."""
+    grid_columns = [c for c in verdicts.columns if c.startswith("grid.")]
+    hurts = verdicts.filter(pl.col("verdict") == "hurts")
+    counts = {v: verdicts.filter(pl.col("verdict") == v).height for v in ("helps", "hurts", "unclear")}
+    summary = (f"Against {baseline} at the same budget, paired by seed: {counts['helps']} "
+               f"comparisons help, {counts['hurts']} hurt, {counts['unclear']} are unclear "
+               f"(95 % interval includes 0).")
+    if hurts.is_empty():
+        return f"{summary} No model is significantly worse than {baseline} anywhere."
+    table = hurts.with_columns(
+        point=_grid_label(grid_columns),
+        difference=pl.struct("mean", "ci95").map_elements(
+            lambda row: _cell(row["mean"], row["ci95"]), return_dtype=pl.String
+        ),
+    ).select("dataset", "point", "budget", "model", "metric", "difference")
+    return f"{summary} Where sharing hurts:\n{_markdown(table)}"
 
 
 def _markdown(table: pl.DataFrame) -> str:
@@ -145,45 +191,6 @@ def _markdown(table: pl.DataFrame) -> str:
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     rows = ["| " + " | ".join(str(v) for v in row) + " |" for row in table.iter_rows()]
     return "\n".join([header, rule, *rows])
-
-
-def plot(summary: pl.DataFrame, path: Path, title: str) -> Path | None:
-    """Plot each task metric against the grid parameter: one line and 95 % band per model.
-
-    Makes one figure per dataset and budget, with one panel per metric. Returns None when the
-    grid has no single numeric parameter to put on the x axis.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid_columns = [c for c in summary.columns if c.startswith("grid.")]
-    if len(grid_columns) != 1 or not summary[grid_columns[0]].dtype.is_numeric():
-        return None
-    x_column = grid_columns[0]
-    metrics = summary["metric"].unique(maintain_order=True).to_list()
-
-    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
-    for axis, metric in zip(axes[0], metrics):
-        for (model,), group in summary.filter(pl.col("metric") == metric).group_by(
-            ["model"], maintain_order=True
-        ):
-            group = group.sort(x_column)
-            x, mean = group[x_column].to_numpy(), group["mean"].to_numpy()
-            line = axis.plot(x, mean, marker="o", label=model)[0]
-            low, high = group["ci95_low"].to_numpy(), group["ci95_high"].to_numpy()
-            axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-        axis.set_xlabel(x_column[len("grid."):])
-        axis.set_ylabel(metric)
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
 
 
 def write_report(
@@ -196,7 +203,8 @@ def write_report(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     # Files of an earlier report in this folder would otherwise sit beside the new ones.
-    for pattern in ("trials.csv", "summary.csv", "summary.md", "difference_to_*.csv", "*.png"):
+    for pattern in ("trials.csv", "summary.csv", "summary.md", "difference_to_*.csv", "*.png",
+                    "routing/*.png"):
         for stale in out_dir.glob(pattern):
             stale.unlink()
     trials = trial_frame(records)
@@ -211,8 +219,10 @@ def write_report(
     if baseline in set(trials["model"].to_list()):
         differences = paired_differences(trials, baseline)
         if not differences.is_empty():
+            verdicts = transfer_verdicts(differences)
             files.append(out_dir / f"difference_to_{baseline}.csv")
-            differences.write_csv(files[-1])
+            verdicts.write_csv(files[-1])
+            text += "\n\n## Negative transfer\n\n" + format_transfer(verdicts, baseline)
             text += "\n\n" + format_tables(differences, difference_to=baseline)
     files[2].write_text(f"# Suite `{suite}`: test metrics, mean ± 95 % CI over seeds\n\n{text}\n")
 
@@ -221,4 +231,6 @@ def write_report(
         figure = plot(group, out_dir / f"{dataset}_budget{budget}.png", title)
         if figure is not None:
             files.append(figure)
+    files += plot_against_size(trials, summary, out_dir, suite)
+    files += plot_routing(trials, out_dir, suite)
     return Report(summary, files, text)

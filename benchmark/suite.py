@@ -20,7 +20,7 @@ import inspect
 import itertools
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Collection
@@ -84,12 +84,26 @@ class Suite(_Strict):
     datasets: list[DatasetSection] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
     model_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    model_grid: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
     references: list[str] = Field(default_factory=list)
     reference_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     budgets: list[int] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
     training: TrainingSection = Field(default_factory=TrainingSection)
     quick: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("model_grid")
+    @classmethod
+    def _model_grid_not_empty(
+        cls, grid: dict[str, dict[str, list[Any]]]
+    ) -> dict[str, dict[str, list[Any]]]:
+        for model, options in grid.items():
+            for key, values in options.items():
+                if not values:
+                    raise ValueError(
+                        f"value list `{model}.{key}` is empty; give at least one value"
+                    )
+        return grid
 
     @field_validator("budgets")
     @classmethod
@@ -128,6 +142,7 @@ class TrialSpec:
     seed: int
     training: dict[str, Any]
     kind: str = "model"
+    variant: dict[str, Any] = field(default_factory=dict)  # this trial's point of model_grid
 
     def config(self) -> dict[str, Any]:
         """Return the resolved configuration that identifies the trial."""
@@ -153,8 +168,16 @@ class TrialSpec:
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
+    def label(self) -> str:
+        """The model as the report shows it: its name, and its ``model_grid`` point if any."""
+        if not self.variant:
+            return self.model
+        options = ",".join(f"{key}={value}" for key, value in self.variant.items())
+        return f"{self.model}[{options}]"
+
+    @property
     def name(self) -> str:
-        parts = [self.model, self.dataset]
+        parts = [self.label, self.dataset]
         parts += [f"{key}={value}" for key, value in self.grid_point.items()]
         if self.kind == "reference":
             parts.insert(0, "reference")
@@ -255,6 +278,20 @@ def validate_suite(
             )
         _check_keywords(MODELS.get(model).factory, options, f"model_options.{model}", source,
                         reserved=("input_dim", "task_dims", "width"))
+    for model, options in suite.model_grid.items():
+        if model not in suite.models:
+            raise SuiteError(
+                f"Invalid suite {source!r}: `model_grid.{model}` names a model that is not in "
+                f"`models` ({', '.join(suite.models)}). Add it to `models` or remove its grid."
+            )
+        fixed = set(options) & set(suite.model_options.get(model, {}))
+        if fixed:
+            raise SuiteError(
+                f"Invalid suite {source!r}: `{model}` sets {sorted(fixed)} both in "
+                f"`model_options` and in `model_grid`. Keep each option in one of them."
+            )
+        _check_keywords(MODELS.get(model).factory, options, f"model_grid.{model}", source,
+                        reserved=("input_dim", "task_dims", "width"))
     for index, reference in enumerate(suite.references):
         _lookup(REFERENCES, reference, f"references[{index}]", source)
     for reference, options in suite.reference_options.items():
@@ -295,14 +332,21 @@ def plan_trials(suite: Suite) -> list[TrialSpec]:
                 grid_point=dict(zip(keys, values)),
             )
             for budget, model, seed in itertools.product(suite.budgets, suite.models, suite.seeds):
-                options = copy.deepcopy(suite.model_options.get(model, {}))
-                trials.append(point(model=model, model_options=options, budget=budget, seed=seed,
-                                    training=dict(training)))
+                for variant in _grid_points(suite.model_grid.get(model, {})):
+                    options = {**copy.deepcopy(suite.model_options.get(model, {})), **variant}
+                    trials.append(point(model=model, model_options=options, budget=budget,
+                                        seed=seed, training=dict(training), variant=variant))
             for reference, seed in itertools.product(suite.references, suite.seeds):
                 options = copy.deepcopy(suite.reference_options.get(reference, {}))
                 trials.append(point(model=reference, model_options=options, budget=0, seed=seed,
                                     training={}, kind="reference"))
     return trials
+
+
+def _grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Return every combination of a grid's values, as dicts; one empty dict for no grid."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def _lookup(registry, name: str, key: str, source: str, origin: str = ""):

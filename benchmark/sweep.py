@@ -244,7 +244,7 @@ def _report(
 def _record(spec: TrialSpec, run: Any) -> dict[str, Any]:
     return {
         "dataset": spec.dataset,
-        "model": spec.model,
+        "model": spec.label,
         "budget": spec.budget,
         "seed": spec.seed,
         "grid": spec.grid_point,

@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from mlflow.tracking import MlflowClient
@@ -200,12 +201,13 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
         ),
         verbose=False,
     )
-    diagnostics = getattr(module.model, "diagnostics", dict)()
     serving = _serving_metrics(module.model, data, trainer, training["eval_batch_size"], workers)
     final = {
         **module.test_metrics,
         **serving,
-        **{f"selected/{name}": value for name, value in diagnostics.items()},
+        **{f"selected/{name}": value for name, value in module.test_routing.items()},
+        **_connection_gates(module.model),
+        "selected/val_selection_score": best.best_score if math.isfinite(best.best_score) else math.nan,
         "param_count": parameters,
         "budget_error": (parameters - spec.budget) / spec.budget,
         "best_epoch": best.best_epoch,
@@ -215,6 +217,21 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     }
     run_logger.log_metrics(final)
     return final
+
+
+def _connection_gates(model: torch.nn.Module) -> dict[str, float]:
+    """Return each gated connection's evaluation gate, for the report's heat maps.
+
+    Named ``selected/routing/<routing>/gate_<i>_<j>`` for the connection from lower unit j to
+    upper unit i, for models with ``connection_gates()`` (SNR).
+    """
+    if not hasattr(model, "connection_gates"):
+        return {}
+    values = {}
+    for name, gates in model.connection_gates().items():
+        for (upper, lower), value in np.ndenumerate(gates.cpu().numpy()):
+            values[f"selected/routing/{name}/gate_{upper}_{lower}"] = float(value)
+    return values
 
 
 def _serving_metrics(
@@ -280,6 +297,7 @@ def _run_tags(spec: TrialSpec, context: SweepContext) -> dict[str, str]:
         "kind": spec.kind,
         "worker_pid": str(os.getpid()),
         **{f"grid.{key}": str(value) for key, value in spec.grid_point.items()},
+        **{f"model_grid.{key}": str(value) for key, value in spec.variant.items()},
     }
     if spec.kind == "model":
         tags["budget"] = str(spec.budget)

@@ -94,8 +94,16 @@ class MultiTaskModule(pl.LightningModule):
 
     Attributes:
         epoch_metrics: After each validation epoch, the training and validation metrics of that
-            epoch (train loss terms averaged over its batches), plus the model's diagnostics.
+            epoch (train loss terms averaged over its batches), plus its routing diagnostics.
         test_metrics: After a test run, the test metrics.
+        test_routing: After a test run, the routing diagnostics of the tested weights, with the
+            gate statistics measured on the test split.
+
+    Routing diagnostics, all named ``routing/...``: for a model with a ``gate_weights(x)``
+    method returning (B, T, E) gate weights (OMoE, MMoE), each task's mean weight per expert,
+    ``routing/<task>/expert_<e>``, and the mean entropy of its gate in nats,
+    ``routing/<task>/gate_entropy``, over the split; and the names returned by the model's
+    ``diagnostics()`` method, such as SNR's ``routing/open_fraction``.
     """
 
     def __init__(
@@ -116,8 +124,10 @@ class MultiTaskModule(pl.LightningModule):
         self.weight_decay = weight_decay
         self.epoch_metrics: dict[str, float] = {}
         self.test_metrics: dict[str, float] = {}
+        self.test_routing: dict[str, float] = {}
         self._train_totals = _RunningTotals()
         self._evaluator = SplitEvaluator(self.tasks)
+        self._gates = GateStatistics(self.tasks) if hasattr(model, "gate_weights") else None
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return self.model(x)
@@ -170,13 +180,13 @@ class MultiTaskModule(pl.LightningModule):
         metrics = self._train_totals.means("train")
         self._train_totals = _RunningTotals()
 
+        routing = self._routing()  # before _split_metrics, which resets the gate statistics
         metrics.update(self._split_metrics("val"))
         metrics["val/selection_score"] = selection_score(self.tasks, metrics, "val")
-        diagnostics = getattr(self.model, "diagnostics", dict)()
-        metrics.update({f"model/{name}": float(value) for name, value in diagnostics.items()})
-        self.epoch_metrics = metrics
+        self.epoch_metrics = {**metrics, **routing}
 
     def on_test_epoch_end(self) -> None:
+        self.test_routing = self._routing()
         self.test_metrics = self._split_metrics("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -192,9 +202,19 @@ class MultiTaskModule(pl.LightningModule):
         outputs = self.model(features)
         _check_outputs(outputs, self.tasks)
         self._evaluator.update(outputs, targets)
+        if self._gates is not None:
+            self._gates.update(self.model.gate_weights(features))
 
     def _reset_collected(self) -> None:
         self._evaluator = SplitEvaluator(self.tasks)
+        if self._gates is not None:
+            self._gates = GateStatistics(self.tasks)
+
+    def _routing(self) -> dict[str, float]:
+        metrics = self._gates.compute() if self._gates is not None else {}
+        diagnostics = getattr(self.model, "diagnostics", dict)()
+        metrics.update({f"routing/{name}": float(value) for name, value in diagnostics.items()})
+        return metrics
 
     def _split_metrics(self, stage: str) -> dict[str, float]:
         metrics = self._evaluator.compute(stage)
@@ -258,6 +278,47 @@ class SplitEvaluator:
             metrics.update(
                 {f"{stage}/overall/{name}": v for name, v in self.overall.compute().items()}
             )
+        return metrics
+
+
+class GateStatistics:
+    """Each task's mean gate weight per expert and mean gate entropy over one split.
+
+    Fed batch by batch with (B, T, E) gate weights whose rows sum to 1. The entropy of a gate
+    is -sum_e w_e ln w_e, in nats, with 0 ln 0 = 0: ln E for a uniform gate, 0 for a gate that
+    picks one expert.
+    """
+
+    def __init__(self, tasks: Sequence[TaskSpec]) -> None:
+        self.tasks = tuple(tasks)
+        self.weight_sum: Tensor | None = None  # (T, E)
+        self.entropy_sum: Tensor | None = None  # (T,)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, weights: Tensor) -> None:
+        weights = weights.detach().double()  # (B, T, E)
+        entropy = -torch.special.xlogy(weights, weights).sum(dim=-1)  # (B, T)
+        if self.weight_sum is None:
+            self.weight_sum = torch.zeros_like(weights[0])
+            self.entropy_sum = torch.zeros_like(entropy[0])
+        self.weight_sum += weights.sum(dim=0)
+        self.entropy_sum += entropy.sum(dim=0)
+        self.count += weights.shape[0]
+
+    def mean_weights(self) -> Tensor:
+        """Return the (T, E) mean gate weights."""
+        return self.weight_sum / self.count
+
+    def compute(self) -> dict[str, float]:
+        if not self.count:
+            return {}
+        metrics = {}
+        weights, entropy = self.mean_weights().tolist(), (self.entropy_sum / self.count).tolist()
+        for task, row, task_entropy in zip(self.tasks, weights, entropy):
+            for expert, value in enumerate(row):
+                metrics[f"routing/{task.name}/expert_{expert}"] = value
+            metrics[f"routing/{task.name}/gate_entropy"] = task_entropy
         return metrics
 
 

@@ -174,15 +174,31 @@ class SNR(MultiTaskModel):
         """Return an inference copy without the connections whose gates are closed."""
         return prune_for_serving(self)
 
+    def connection_gates(self) -> dict[str, Tensor]:
+        """Return every routing's evaluation-mode gates, (I, J) each, by the name of what it feeds.
+
+        ``to_layer_<k>`` feeds sub-network layer k (layer 0 reads the features directly);
+        ``to_tasks`` feeds the task towers, one row per task.
+        """
+        names = [f"to_layer_{k + 1}" for k in range(len(self.layers))] + ["to_tasks"]
+        return {name: _evaluation_gate(gate).detach() for name, gate in zip(names, self.gates())}
+
     @torch.no_grad()
     def diagnostics(self) -> dict[str, float]:
-        """Return the number and the fraction of connections whose evaluation-mode gate is above 0."""
+        """Return the open connections (evaluation gate above 0), overall and per routing.
+
+        Per routing: ``<name>/mean_gate``, the mean evaluation gate value, and
+        ``<name>/open_fraction``; overall: ``open_connections`` and ``open_fraction``.
+        """
+        values: dict[str, float] = {}
         open_count, total = 0, 0
-        for gate in self.gates():
-            z = _evaluation_gate(gate)
-            open_count += int((z > 0).sum())
+        for name, z in self.connection_gates().items():
+            opened = int((z > 0).sum())
+            values[f"{name}/mean_gate"] = float(z.mean())
+            values[f"{name}/open_fraction"] = opened / z.numel()
+            open_count += opened
             total += z.numel()
-        return {"open_connections": float(open_count), "open_fraction": open_count / total}
+        return {"open_connections": float(open_count), "open_fraction": open_count / total, **values}
 
 
 def _evaluation_gate(gate: HardConcreteGate) -> Tensor:

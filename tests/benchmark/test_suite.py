@@ -130,3 +130,48 @@ def test_missing_suite_and_bad_syntax(tmp_path):
 
 def test_builtin_suites_listed():
     assert "correlation" in builtin_suites()
+
+
+def test_model_grid_expands_options_and_keeps_plain_hashes(tmp_path):
+    plain = plan_trials(load_suite(str(write_suite(tmp_path, models=("mmoe", "snr_aver")))))
+    path = write_suite(tmp_path, models=("mmoe", "snr_aver"),
+                       extra="[model_grid.snr_aver]\nl0_strength = [0.0, 0.01]\n")
+    trials = plan_trials(load_suite(str(path)))
+
+    snr = [t for t in trials if t.model == "snr_aver"]
+    assert len(snr) == 2 * len([t for t in plain if t.model == "snr_aver"])
+    assert {t.model_options["l0_strength"] for t in snr} == {0.0, 0.01}
+    assert {t.label for t in snr} == {"snr_aver[l0_strength=0.0]", "snr_aver[l0_strength=0.01]"}
+    assert len({t.trial_hash for t in trials}) == len(trials)
+    # Models without a grid keep their identity, so a store written before the grid resumes.
+    mmoe_hashes = {t.trial_hash for t in trials if t.model == "mmoe"}
+    assert mmoe_hashes == {t.trial_hash for t in plain if t.model == "mmoe"}
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("[model_grid.snr_trans]\nl0_strength = [0.1]\n", r"`model_grid.snr_trans` names a model"),
+    ("[model_grid.shared_bottom]\nexperts = [2, 4]\n",
+     r"`model_grid.shared_bottom.experts` is not a parameter"),
+    ("[model_grid.mmoe]\nnum_experts = []\n", r"`model_grid`: value list `mmoe.num_experts` is empty"),
+    ("[model_options.mmoe]\nnum_experts = 2\n[model_grid.mmoe]\nnum_experts = [2, 4]\n",
+     r"sets \['num_experts'\] both in `model_options` and in `model_grid`"),
+])
+def test_model_grid_errors_named(tmp_path, extra, message):
+    path = write_suite(tmp_path, models=("mmoe", "shared_bottom"), extra=extra)
+    with pytest.raises(SuiteError, match=message):
+        load_suite(str(path))
+
+
+def test_builtin_budget_suite_spans_sixteenfold():
+    suite = load_suite("budget")
+    budgets = sorted(suite.budgets)
+    assert len(budgets) >= 4
+    assert budgets[-1] >= 16 * budgets[0]
+    correlations = {t.grid_point["correlation"] for t in plan_trials(suite)}
+    assert len(correlations) >= 2
+    assert len(suite.seeds) >= 3
+    assert {"single_task", "shared_bottom", "omoe", "mmoe", "snr_trans", "snr_aver"} <= set(
+        suite.models
+    )
+    quick = plan_trials(load_suite("budget", quick=True))
+    assert len({t.budget for t in quick}) >= 2

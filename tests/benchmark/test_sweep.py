@@ -246,4 +246,35 @@ def test_snr_trial_logs_serving_module(tmp_path):
     assert snr["serving_param_count"] < snr["param_count"]
     assert mmoe["serving_param_count"] == mmoe["param_count"]
     assert "test_serving/task1/mse" not in mmoe
-    assert 0.0 <= snr["selected/open_fraction"] <= 1.0
+    assert 0.0 <= snr["selected/routing/open_fraction"] <= 1.0
+
+
+def test_routing_diagnostics_logged_with_documented_names(tmp_path):
+    suite = write_suite(tmp_path, models=("snr_trans", "mmoe"), seeds=(0,), correlations=(0.5,))
+    results = tmp_path / "results"
+    assert run(suite, results) == 0
+
+    client, _, children = store_runs(results)
+    runs = {c.data.tags["model"]: c for c in children}
+    snr, mmoe = runs["snr_trans"], runs["mmoe"]
+    epochs = int(mmoe.data.metrics["epochs_trained"])
+
+    # Every epoch: MMoE's mean gate weight per task and expert (8 experts by default) and gate
+    # entropy; SNR's open connections overall and per routing (sub-networks (3, 3) by default).
+    per_epoch = [f"routing/{task}/expert_{e}" for task in ("task1", "task2") for e in range(8)]
+    per_epoch += ["routing/task1/gate_entropy", "routing/task2/gate_entropy"]
+    for name in per_epoch:
+        assert len(client.get_metric_history(mmoe.info.run_id, name)) == epochs, name
+    for name in ("routing/open_fraction", "routing/open_connections",
+                 "routing/to_layer_1/mean_gate", "routing/to_layer_1/open_fraction",
+                 "routing/to_tasks/mean_gate", "routing/to_tasks/open_fraction"):
+        assert len(client.get_metric_history(snr.info.run_id, name)) == epochs, name
+
+    # The selected weights: gates measured on the test split, and every SNR connection's gate.
+    weights = [mmoe.data.metrics[f"selected/routing/task1/expert_{e}"] for e in range(8)]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-6)
+    gates = [snr.data.metrics[f"selected/routing/to_tasks/gate_{t}_{j}"]
+             for t in range(2) for j in range(3)]
+    open_share = sum(g > 0 for g in gates) / len(gates)
+    assert open_share == pytest.approx(snr.data.metrics["selected/routing/to_tasks/open_fraction"])
+

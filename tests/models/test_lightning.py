@@ -8,7 +8,10 @@ import pytorch_lightning as pl
 import torch
 
 from datasets import Split, TaskSpec, TensorBatches
-from models.lightning import MultiTaskModule, SingleClassWarning, roc_auc, task_loss
+from models.lightning import (
+    GateStatistics, MultiTaskModule, SingleClassWarning, roc_auc, task_loss,
+)
+from models.moe import mmoe
 from models.shared_bottom import SharedBottom
 
 
@@ -102,3 +105,40 @@ def test_wrong_number_of_outputs_explained():
     batch = (torch.zeros(2, 1), (torch.zeros(2, 1), torch.zeros(2, 1)), None)
     with pytest.raises(ValueError, match="returned 1 outputs for 2 tasks"):
         module.training_step(batch, 0)
+
+
+def test_gate_statistics_by_hand():
+    tasks = [TaskSpec("a", "binary"), TaskSpec("b", "binary")]
+    statistics = GateStatistics(tasks)
+    # Two batches; task a picks expert 0 then splits evenly, task b is uniform over 2 experts.
+    statistics.update(torch.tensor([[[1.0, 0.0], [0.5, 0.5]]]))
+    statistics.update(torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]))
+    metrics = statistics.compute()
+    assert metrics == pytest.approx({
+        "routing/a/expert_0": 0.75, "routing/a/expert_1": 0.25,
+        "routing/a/gate_entropy": (0.0 + math.log(2)) / 2,
+        "routing/b/expert_0": 0.5, "routing/b/expert_1": 0.5,
+        "routing/b/gate_entropy": math.log(2),
+    })
+
+
+def test_mixture_gates_logged_every_epoch_and_on_test():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    split = Split(x, (x[:, :1] * 2, (x[:, 1:2] > 0).float()))
+    tasks = [TaskSpec("reg", "regression"), TaskSpec("cls", "binary")]
+    model = mmoe(3, (1, 1), width=4, num_experts=3)
+    module = MultiTaskModule(model, tasks, learning_rate=0.01)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(module, TensorBatches(split, 16, shuffle=True), TensorBatches(split, 64))
+    trainer.test(module, TensorBatches(split, 64), verbose=False)
+
+    with torch.no_grad():
+        expected = model.gate_weights(x).mean(dim=0)  # (T, E)
+    for metrics in (module.epoch_metrics, module.test_routing):
+        for t, task in enumerate(("reg", "cls")):
+            values = [metrics[f"routing/{task}/expert_{e}"] for e in range(3)]
+            assert values == pytest.approx(expected[t].tolist(), abs=1e-6)
+            assert 0.0 <= metrics[f"routing/{task}/gate_entropy"] <= math.log(3) + 1e-9

@@ -135,7 +135,16 @@ def test_l0_penalty_and_diagnostics():
     assert penalty.item() == pytest.approx(0.5 * 8 * 0.831822, abs=1e-5)
     with torch.no_grad():
         model.task_routing.gate.log_alpha.fill_(-5.0)
-    assert model.diagnostics() == {"open_connections": 4.0, "open_fraction": 0.5}
+    # Evaluation gate at log_alpha = 0: sigmoid(0) * (1.1 + 0.1) - 0.1 = 0.5; at -5 it is
+    # 0.0067 * 1.2 - 0.1 < 0, clipped to 0.
+    assert model.diagnostics() == pytest.approx({
+        "open_connections": 4.0, "open_fraction": 0.5,
+        "to_layer_1/mean_gate": 0.5, "to_layer_1/open_fraction": 1.0,
+        "to_tasks/mean_gate": 0.0, "to_tasks/open_fraction": 0.0,
+    })
+    gates = model.connection_gates()
+    assert list(gates) == ["to_layer_1", "to_tasks"]
+    assert gates["to_tasks"].shape == (2, 2)  # (tasks, sub-networks)
 
 
 @pytest.mark.parametrize("bad, message", [

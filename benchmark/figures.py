@@ -1,0 +1,223 @@
+"""Figures of a sweep report: metrics against the grid and against model size, and gate maps.
+
+Every figure is written with matplotlib's file-only Agg backend, so reports render on machines
+without a display.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+MOE_GATE = re.compile(r"^selected/routing/(?P<task>[^/]+)/expert_(?P<expert>\d+)$")
+CONNECTION_GATE = re.compile(r"^selected/routing/(?P<routing>[^/]+)/gate_(?P<i>\d+)_(?P<j>\d+)$")
+SCORE = "selected/val_selection_score"
+SIZE_AXES = {
+    "param_count": "trainable parameters",
+    "serving_param_count": "parameters at serving time",
+}
+
+
+def plot(summary: pl.DataFrame, path: Path, title: str) -> Path | None:
+    """Plot each task metric against the grid parameter: one line and 95 % band per model.
+
+    Makes one figure per dataset and budget, with one panel per metric. Returns None when the
+    grid has no single numeric parameter to put on the x axis.
+    """
+    plt = _pyplot()
+    grid_columns = [c for c in summary.columns if c.startswith("grid.")]
+    if len(grid_columns) != 1 or not summary[grid_columns[0]].dtype.is_numeric():
+        return None
+    x_column = grid_columns[0]
+    metrics = summary["metric"].unique(maintain_order=True).to_list()
+
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        _lines_with_bands(axis, summary.filter(pl.col("metric") == metric), x_column)
+        axis.set_xlabel(x_column[len("grid."):])
+        axis.set_ylabel(metric)
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    return _save(figure, title, path)
+
+
+def plot_against_size(
+    trials: pl.DataFrame, summary: pl.DataFrame, out_dir: Path, suite: str
+) -> list[Path]:
+    """Plot each task metric against model size: one line and 95 % band per model.
+
+    One figure per dataset and grid point, written when the sweep has two or more budgets. Its
+    rows are the task metrics; its columns put the mean trainable parameter count, then the
+    mean parameter count at serving time (SNR without its closed connections) on a log x axis.
+    """
+    sizes = [c for c in SIZE_AXES if c in trials.columns]
+    if "param_count" not in sizes or trials["budget"].n_unique() < 2:
+        return []
+    grid_columns = [c for c in summary.columns if c.startswith("grid.")]
+    keys = ["dataset", *grid_columns, "budget", "model"]
+    means = trials.drop_nulls("param_count").group_by(keys).agg(pl.col(sizes).mean())
+    joined = summary.join(means, on=keys, how="inner")
+
+    plt = _pyplot()
+    files = []
+    for point, group in joined.group_by(["dataset", *grid_columns], maintain_order=True):
+        metrics = group["metric"].unique(maintain_order=True).to_list()
+        figure, axes = plt.subplots(
+            len(metrics), len(sizes), figsize=(5 * len(sizes), 3.6 * len(metrics)), squeeze=False
+        )
+        for row, metric in zip(axes, metrics):
+            for axis, size in zip(row, sizes):
+                _lines_with_bands(axis, group.filter(pl.col("metric") == metric), size)
+                axis.set_xscale("log")
+                axis.set_xlabel(SIZE_AXES[size])
+                axis.set_ylabel(metric)
+                axis.grid(alpha=0.3, which="both")
+        axes[0][0].legend(fontsize="small")
+        label = _point_label(point[0], grid_columns, point[1:])
+        title = f"{suite}: {label}, metric against model size (mean, 95 % CI)"
+        files.append(_save(figure, title, out_dir / f"{_slug(label)}_size.png"))
+    return files
+
+
+def routing_matrices(row: dict) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """Rebuild a trial's gate matrices, with their row labels, from its routing metrics.
+
+    Reads the ``selected/routing/...`` metrics. Returns ``{"gates": ((T, E), task names)}`` of
+    mean gate weights for mixture-of-experts models, or one ((I, J), upper unit indices) of
+    evaluation gates per SNR routing, bottom first and ``to_tasks`` last. Columns (experts or
+    lower sub-networks) keep their indices.
+    """
+    experts: dict[str, dict[int, float]] = {}
+    connections: dict[str, dict[tuple[int, int], float]] = {}
+    for name, value in row.items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if match := MOE_GATE.match(name):
+            experts.setdefault(match["task"], {})[int(match["expert"])] = value
+        elif match := CONNECTION_GATE.match(name):
+            connections.setdefault(match["routing"], {})[int(match["i"]), int(match["j"])] = value
+
+    matrices = {}
+    if experts:
+        width = 1 + max(e for values in experts.values() for e in values)
+        matrix = [[values.get(e, np.nan) for e in range(width)] for values in experts.values()]
+        matrices["gates"] = (np.array(matrix), list(experts))
+    for routing in sorted(connections, key=lambda name: (name == "to_tasks", name)):
+        cells = connections[routing]
+        shape = (1 + max(i for i, _ in cells), 1 + max(j for _, j in cells))
+        matrix = np.full(shape, np.nan)
+        for (i, j), value in cells.items():
+            matrix[i, j] = value
+        matrices[routing] = (matrix, [str(i) for i in range(shape[0])])
+    return matrices
+
+
+def plot_routing(trials: pl.DataFrame, out_dir: Path, suite: str) -> list[Path]:
+    """Draw heat maps of the gates of each model's best seed, one figure per model.
+
+    The best seed at each sweep point (dataset, grid point, budget) is the one with the highest
+    validation selection score. Mixture-of-experts models show each task's mean gate weight per
+    expert on the test split; SNR shows the evaluation gate of every connection.
+    """
+    routed = [c for c in trials.columns if MOE_GATE.match(c) or CONNECTION_GATE.match(c)]
+    if not routed or SCORE not in trials.columns:
+        return []
+    grid_columns = [c for c in trials.columns if c.startswith("grid.")]
+    best = best_seeds(trials)
+
+    files = []
+    for (model,), group in best.group_by(["model"], maintain_order=True):
+        panels = []
+        for r in group.iter_rows(named=True):
+            point = _point_label(r["dataset"], grid_columns, [r[c] for c in grid_columns])
+            label = f"{point}, budget {r['budget']:,}, seed {r['seed']}"
+            matrices = routing_matrices(r)
+            if matrices:
+                panels.append((label, matrices))
+        if not panels:
+            continue
+        title = f"{suite}: {model}, gates of the best seed per sweep point"
+        files.append(_heat_maps(panels, title, out_dir / "routing" / f"{_slug(model)}.png"))
+    return files
+
+
+def best_seeds(trials: pl.DataFrame) -> pl.DataFrame:
+    """Return, per model and sweep point, the trial with the highest validation selection score.
+
+    Trials without a score (NaN) come last, so they are picked only when no seed has one.
+    """
+    keys = ["model", "dataset", *[c for c in trials.columns if c.startswith("grid.")], "budget"]
+    return (
+        trials.with_columns(pl.col(SCORE).fill_nan(None))
+        .sort(SCORE, descending=True, nulls_last=True)
+        .group_by(keys, maintain_order=True)
+        .first()
+        .sort(keys)
+    )
+
+
+def _heat_maps(panels: list[tuple[str, dict[str, np.ndarray]]], title: str, path: Path) -> Path:
+    plt = _pyplot()
+    columns = max(len(matrices) for _, matrices in panels)
+    figure, axes = plt.subplots(
+        len(panels), columns, figsize=(max(7.0, 3.6 * columns + 1), 2.8 * len(panels)),
+        squeeze=False, layout="constrained",
+    )
+    for row, (label, matrices) in zip(axes, panels):
+        for axis in row[len(matrices):]:
+            axis.set_axis_off()
+        for axis, (name, (matrix, rows)) in zip(row, matrices.items()):
+            image = axis.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+            moe = name == "gates"
+            axis.set_title(f"{label}\n{name}" if not moe else label, fontsize="small")
+            axis.set_xlabel("expert" if moe else "lower sub-network")
+            axis.set_ylabel("task" if moe or name == "to_tasks" else "upper sub-network")
+            axis.set_xticks(range(matrix.shape[1]))
+            axis.set_yticks(range(matrix.shape[0]), rows)
+            for (i, j), value in np.ndenumerate(matrix):
+                axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="x-small",
+                          color="white" if value < 0.6 else "black")
+        figure.colorbar(image, ax=list(row), fraction=0.05)
+    return _save(figure, title, path, tight=False)  # constrained layout places the colour bars
+
+
+def _lines_with_bands(axis, summary: pl.DataFrame, x_column: str) -> None:
+    for (model,), group in summary.group_by(["model"], maintain_order=True):
+        group = group.sort(x_column)
+        x, mean = group[x_column].to_numpy(), group["mean"].to_numpy()
+        line = axis.plot(x, mean, marker="o", label=model)[0]
+        low, high = group["ci95_low"].to_numpy(), group["ci95_high"].to_numpy()
+        axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+
+
+def _point_label(dataset: str, grid_columns: list[str], values) -> str:
+    parts = [f"{c[len('grid.'):]}={v}" for c, v in zip(grid_columns, values)]
+    return " ".join([dataset, *parts])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, title: str, path: Path, tight: bool = True) -> Path:
+    plt = _pyplot()
+    figure.suptitle(title)
+    if tight:
+        figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
