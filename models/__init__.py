@@ -16,15 +16,18 @@ from models.registry import Registry
 MODELS: Registry = Registry("model", entry_point_group="mtl_bench.models")
 register_model = MODELS.register
 
-from models import moe, shared_bottom, snr  # noqa: E402  (registers the built-in models)
+# Importing the model modules registers the built-in models.
+from models import cross_stitch, moe, ple, shared_bottom, snr  # noqa: E402
 from models.budget import count_parameters, fit_budget  # noqa: E402
 
 __all__ = [
     "MODELS",
     "MultiTaskModel",
     "count_parameters",
+    "cross_stitch",
     "fit_budget",
     "moe",
+    "ple",
     "register_model",
     "shared_bottom",
     "snr",

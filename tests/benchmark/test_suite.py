@@ -10,9 +10,9 @@ from .conftest import write_suite
 def test_builtin_correlation_suite_plan():
     suite = load_suite("correlation")
     trials = plan_trials(suite)
-    assert {"single_task", "shared_bottom", "omoe", "mmoe", "snr_trans", "snr_aver"} <= set(
-        suite.models
-    )
+    expected = {"single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "cross_stitch",
+                "snr_trans", "snr_aver"}
+    assert expected <= set(suite.models)
     correlations = sorted({t.grid_point["correlation"] for t in trials})
     assert {0.5, 0.7, 0.9, 1.0} <= set(correlations)
     assert len(suite.budgets) == 1
