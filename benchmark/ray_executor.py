@@ -1,7 +1,7 @@
 """Run a sweep's trials as Ray tasks, on a local Ray instance or on a Ray cluster.
 
-Ray is an optional dependency (``pip install -e ".[ray]"``), imported only when a sweep asks for
-it. Each trial is one task that declares its CPU share, so Ray places trials on nodes with free
+Ray is an optional dependency (``pip install -e ".[ray]"``), imported only by a sweep run with
+``--executor ray``. Each trial is one task that declares its CPU share, so Ray places trials on nodes with free
 cores; ``--workers`` still bounds how many trials are in flight at once. Trials train on CPU, so
 every task declares ``num_gpus=0``.
 
@@ -36,7 +36,11 @@ INSTALL_COMMAND = 'pip install -e ".[ray]"'
 LOCAL_ADDRESS = "local"
 CLIENT_PORT = 10001  # Ray Client's default port, used when a ray:// address gives none
 CANCEL_TIMEOUT_S = 30.0  # how long Ctrl-C waits for Ray to stop the cancelled tasks
-WAIT_TIMEOUT_S = 1.0  # ray.wait returns this often, so Ctrl-C is handled without delay
+WAIT_TIMEOUT_S = 1.0  # the longest one ray.wait call blocks, so Ctrl-C is handled within it
+
+# Ray's errors for a task whose worker process or node died; the trial is run again once.
+WORKER_DEATH_ERRORS = ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError",
+                       "LocalRayletDiedError")
 
 
 
@@ -105,7 +109,7 @@ def _parse_address(address: str) -> tuple[str | None, int]:
     and ``local``).
 
     Raises:
-        RaySetupError: If ``address`` is none of these forms.
+        RaySetupError: If ``address`` has none of these forms.
     """
     if address in ("auto", LOCAL_ADDRESS):
         return None, 0
@@ -285,8 +289,14 @@ def _deliver(
                               error=f"The Ray task failed: {error.cause!r}"))
         return False
     except ray.exceptions.RayError as error:
-        # The worker or its node died: WorkerCrashedError, OutOfMemoryError, NodeDiedError, ...
-        return _handle_crash(spec, context, on_result, crashes, error)
+        death_errors = tuple(getattr(ray.exceptions, name) for name in WORKER_DEATH_ERRORS)
+        if isinstance(error, death_errors):
+            return _handle_crash(spec, context, on_result, crashes, error)
+        # Ray could not run the task at all, such as a runtime environment that failed to set up.
+        message = f"Ray could not run the trial: {type(error).__name__}: {error}"
+        _, run_id = _close_lost_runs(spec, context, message)
+        on_result(TrialResult(spec.trial_hash, spec.name, "FAILED", run_id, error=message))
+        return False
     on_result(result)
     return False
 
@@ -298,7 +308,7 @@ def _handle_crash(
     crashes: Counter[str],
     error: Exception,
 ) -> bool:
-    finished, run_id = _close_lost_runs(spec, context)
+    finished, run_id = _close_lost_runs(spec, context, "The worker process died.")
     if finished is not None:
         # The trial finished, and the worker died while sending the result back.
         on_result(TrialResult(spec.trial_hash, spec.name, "FINISHED", finished.info.run_id,
@@ -317,8 +327,10 @@ def _handle_crash(
     return False
 
 
-def _close_lost_runs(spec: TrialSpec, context: SweepContext) -> tuple[Any | None, str | None]:
-    """Mark the trial's RUNNING runs of this sweep FAILED, since their worker is gone.
+def _close_lost_runs(
+    spec: TrialSpec, context: SweepContext, error: str
+) -> tuple[Any | None, str | None]:
+    """Mark the trial's RUNNING runs of this sweep FAILED with ``error``, since their task ended.
 
     Returns:
         A FINISHED run of the trial in this sweep, if there is one, and the id of the run that
@@ -338,7 +350,7 @@ def _close_lost_runs(spec: TrialSpec, context: SweepContext) -> tuple[Any | None
     run_id = None
     for run in runs:
         if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "error", "The worker process died.")
+            client.set_tag(run.info.run_id, "error", error[:5000])
             client.set_terminated(run.info.run_id, "FAILED")
             run_id = run.info.run_id
     return finished, run_id
@@ -346,8 +358,7 @@ def _close_lost_runs(spec: TrialSpec, context: SweepContext) -> tuple[Any | None
 
 def _cancel(ray: Any, in_flight: dict[Any, TrialSpec]) -> None:
     """Stop every trial in flight, for Ctrl-C."""
-    # force=True kills the worker process. Without it Ray raises KeyboardInterrupt in the task,
-    # which Lightning may turn into a failure the trial records before the task ends.
+    # force=True kills the worker process, as the local executor kills its pool's workers.
     for ref in in_flight:
         ray.cancel(ref, force=True)
     # Waiting lets no cancelled trial create a run after the sweep has marked its runs KILLED.
@@ -365,7 +376,8 @@ def _run_trial_task(
     """Run one trial in a Ray worker, which Ray reuses for later trials of the same sweep."""
     from benchmark.plugins import load_plugins
 
-    # Importing a plugin file again would register its models twice, which raises.
+    # Importing a plugin file again would register its models twice, which raises unless the
+    # plugin registers them with override=True.
     new_plugins = [plugin for plugin in plugins if plugin not in _prepared_plugins]
     if new_plugins:
         load_plugins(new_plugins)

@@ -226,3 +226,26 @@ def test_ray_options_need_ray_executor(tmp_path, suite_file, capsys, option, val
 
     assert code == 2
     assert f"{option} applies only to `--executor ray`" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_plugin_failing_in_worker_explained(tmp_path, ray_instance, capsys):
+    # The plugin imports in this process, where the sweep checks it, but not in Ray's workers.
+    plugin = tmp_path / "driver_only_plugin.py"
+    plugin.write_text(
+        "import os\n"
+        f"if os.getpid() != {os.getpid()}:\n"
+        "    raise ImportError('only importable in the driver')\n"
+    )
+    suite = write_suite(tmp_path, models=("shared_bottom",), seeds=(0,), correlations=(0.5,))
+    results = tmp_path / "results"
+
+    assert run(suite, results, "--plugin", str(plugin)) == 1
+
+    _, parents, children = store_runs(results)
+    assert parents[0].info.status == "FAILED"
+    assert children == []
+    out = capsys.readouterr().out
+    assert "failed: 1" in out
+    assert "The Ray task failed: PluginError(" in out
+    assert "ImportError: only importable in the driver" in out
