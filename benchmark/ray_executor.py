@@ -1,9 +1,9 @@
 """Run a sweep's trials as Ray tasks, on a local Ray instance or on a Ray cluster.
 
 Ray is an optional dependency (``pip install -e ".[ray]"``), imported only by a sweep run with
-``--executor ray``. Each trial is one task that declares its CPU share, so Ray places trials on nodes with free
-cores; ``--workers`` still bounds how many trials are in flight at once. Trials train on CPU, so
-every task declares ``num_gpus=0``.
+``--executor ray``. Each trial is one task that declares its CPU share, so Ray places trials on
+nodes with free cores. ``--workers`` still bounds how many trials are in flight at once. Trials
+train on CPU, so every task declares ``num_gpus=0``.
 
 Where the code comes from: on a local instance, tasks get this checkout's folder on
 ``PYTHONPATH``, so workers import the same ``benchmark``, ``models`` and ``datasets`` as the
@@ -36,9 +36,9 @@ INSTALL_COMMAND = 'pip install -e ".[ray]"'
 LOCAL_ADDRESS = "local"
 CLIENT_PORT = 10001  # Ray Client's default port, used when a ray:// address gives none
 CANCEL_TIMEOUT_S = 30.0  # how long Ctrl-C waits for Ray to stop the cancelled tasks
-WAIT_TIMEOUT_S = 1.0  # the longest one ray.wait call blocks, so Ctrl-C is handled within it
+WAIT_TIMEOUT_S = 1.0  # maximum time one ray.wait call blocks, so Ctrl-C is handled within it
 
-# Ray's errors for a task whose worker process or node died; the trial is run again once.
+# Ray's errors for a task whose worker process or node died. Such a trial is run again once.
 WORKER_DEATH_ERRORS = ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError",
                        "LocalRayletDiedError")
 
