@@ -185,6 +185,8 @@ def run_ray(
 @contextmanager
 def _ray_connection(ray: Any, address: str | None) -> Iterator[None]:
     """Use the Ray connection this process already has, or open one and close it at the end."""
+    # NOTE: a connection the caller opened is taken to be what --ray-address names. Without
+    # --ray-address it counts as local, so a store on this machine is not rejected for it.
     if ray.is_initialized():
         yield
         return
