@@ -44,8 +44,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated parameter budgets replacing the suite's")
     parser.add_argument("--max-epochs", type=int, help="maximum training epochs per trial")
     parser.add_argument("--workers", type=int, default=1,
-                        help="trials run at once, each in its own process (default: 1, in this "
-                        "process)")
+                        help="trials run at once, each in its own process (default: 1; with "
+                        "the local executor, in this process)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="where trials run: local (this process, or a process pool with "
+                        "--workers > 1) or ray (Ray tasks; needs pip install -e \".[ray]\") "
+                        "(default: %(default)s)")
+    parser.add_argument("--ray-address", metavar="ADDRESS",
+                        help="with --executor ray: the cluster to run on, `auto`, HOST:PORT or "
+                        "ray://HOST:PORT (default: start a local Ray instance); a cluster needs "
+                        "an MLflow tracking server as --tracking-uri")
+    parser.add_argument("--cpus-per-trial", type=int, metavar="N",
+                        help="with --executor ray: CPUs (and torch threads) each trial requests "
+                        "(default: the cluster's CPUs divided by --workers)")
     parser.add_argument("--tracking-uri",
                         help="MLflow tracking URI (default: a SQLite store in the results folder)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"),
@@ -74,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(f"--workers must be >= 1, got {args.workers}.")
     if args.max_epochs is not None and args.max_epochs < 1:
         return _usage_error(f"--max-epochs must be >= 1, got {args.max_epochs}.")
+    for option, value in (("--ray-address", args.ray_address),
+                          ("--cpus-per-trial", args.cpus_per_trial)):
+        if value is not None and args.executor != "ray":
+            return _usage_error(f"{option} applies only to `--executor ray`; add that option "
+                                f"or remove {option}.")
     if args.data_dir is not None:
         if not args.data_dir.is_dir():
             return _usage_error(
@@ -110,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             plugins=args.plugin,
             tags=environment_tags(),
             quick=args.quick,
+            executor=args.executor,
+            ray_address=args.ray_address,
+            cpus_per_trial=args.cpus_per_trial,
         )
     except SweepError as error:
         return _usage_error(str(error))

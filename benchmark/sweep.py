@@ -31,8 +31,20 @@ from benchmark.trial import SweepContext, TrialResult, load_dataset
 logger = logging.getLogger(__name__)
 
 
+EXECUTORS = ("local", "ray")
+
+
 class SweepError(RuntimeError):
     """A sweep that cannot start, such as an unreachable tracking store."""
+
+
+@dataclass(frozen=True)
+class ExecutorOptions:
+    """Where the trials run: ``local`` or ``ray``, and for Ray the cluster and CPUs per trial."""
+
+    name: str = "local"
+    ray_address: str | None = None  # None: a local Ray instance
+    cpus_per_trial: int | None = None  # None: the cluster's CPUs divided among the workers
 
 
 @dataclass
@@ -61,16 +73,30 @@ def run_sweep(
     plugins: Sequence[str] = (),
     tags: dict[str, str] | None = None,
     quick: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
+    cpus_per_trial: int | None = None,
 ) -> SweepOutcome:
     """Run the trials of ``suite`` not yet finished in the store, then report on all of them.
 
+    Args:
+        executor: ``"local"`` runs trials in this process or a process pool, ``"ray"`` as Ray
+            tasks (see :mod:`benchmark.ray_executor`).
+        ray_address: the Ray cluster to use; None starts a local Ray instance.
+        cpus_per_trial: CPUs each Ray task declares; None divides the cluster's among ``workers``.
+
     Raises:
-        SweepError: If the tracking store cannot be opened.
+        SweepError: If the tracking store cannot be opened, or Ray cannot be used.
     """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}.")
     results_dir = results_dir.resolve()
     results_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or default_tracking_uri(results_dir)
     tags = dict(tags or {})
+    executor_options = ExecutorOptions(executor, ray_address, cpus_per_trial)
+    if executor == "ray":
+        _check_ray(executor_options, tracking_uri)
     client, experiment_id = _open_store(tracking_uri, experiment_name(suite))
     _announce_store(tracking_uri, experiment_name(suite))
 
@@ -86,7 +112,7 @@ def run_sweep(
     parent_id = parent.info.run_id
     parent_logger = RunLogger(client, parent_id)
     parent_logger.log_params({
-        "suite": suite.name, "quick": quick, "workers": workers,
+        "suite": suite.name, "quick": quick, "workers": workers, "executor": executor,
         "trials_planned": len(trials), "trials_skipped": len(trials) - len(to_run),
     })
     client.log_dict(parent_id, suite.model_dump(), "suite.json")
@@ -98,7 +124,7 @@ def run_sweep(
 
     context = SweepContext(tracking_uri, experiment_id, parent_id, tags)
     try:
-        _execute(to_run, context, workers, plugins, outcome)
+        _execute(to_run, context, workers, plugins, outcome, executor_options)
     except BaseException:
         _end_running_children(client, experiment_id, parent_id)
         client.set_terminated(parent_id, "KILLED")
@@ -187,12 +213,22 @@ def _announce_store(tracking_uri: str, experiment: str) -> None:
         print(f"Browse it with: mlflow ui --backend-store-uri {tracking_uri}", file=sys.stderr)
 
 
+def _check_ray(options: ExecutorOptions, tracking_uri: str) -> None:
+    from benchmark.ray_executor import RaySetupError, check_ray_setup
+
+    try:
+        check_ray_setup(options.ray_address, tracking_uri, options.cpus_per_trial)
+    except RaySetupError as error:
+        raise SweepError(str(error)) from error
+
+
 def _execute(
     to_run: Sequence[TrialSpec],
     context: SweepContext,
     workers: int,
     plugins: Sequence[str],
     outcome: SweepOutcome,
+    options: ExecutorOptions,
 ) -> None:
     if not to_run:
         return
@@ -208,9 +244,29 @@ def _execute(
         bar.set_postfix(failed=len(outcome.failures))
 
     try:
-        run_local(to_run, context, workers, on_result, plugins)
+        if options.name == "ray":
+            _run_ray(to_run, context, workers, on_result, plugins, options)
+        else:
+            run_local(to_run, context, workers, on_result, plugins)
     finally:
         bar.close()
+
+
+def _run_ray(
+    to_run: Sequence[TrialSpec],
+    context: SweepContext,
+    workers: int,
+    on_result: Any,
+    plugins: Sequence[str],
+    options: ExecutorOptions,
+) -> None:
+    from benchmark.ray_executor import RaySetupError, run_ray
+
+    try:
+        run_ray(to_run, context, workers, on_result, plugins, options.ray_address,
+                options.cpus_per_trial)
+    except RaySetupError as error:
+        raise SweepError(str(error)) from error
 
 
 def _report(
