@@ -117,7 +117,9 @@ def _run_pool(
 
         try:
             broken, not_started = _collect_results(futures, on_result)
-        except KeyboardInterrupt:
+        except BaseException:
+            # Ctrl-C, or ``on_result`` stopping the sweep. Leaving the ``with`` block would
+            # otherwise wait for every queued trial.
             _stop_workers(pool)
             raise
 
@@ -139,20 +141,25 @@ def _dead_worker_pids(processes: list) -> set[str]:
 def _collect_results(
     futures: dict[Future, TrialSpec], on_result: ResultCallback
 ) -> tuple[bool, list[TrialSpec]]:
-    """Hand over each result as it arrives; return whether the pool broke, and the trials lost."""
+    """Hand over each result as it arrives; return whether the pool broke, and the trials lost.
+
+    An exception raised by ``on_result`` propagates, so the caller can stop the sweep.
+    """
     broken = False
     lost: list[TrialSpec] = []
     for future in as_completed(futures):
         spec = futures[future]
         try:
-            on_result(future.result())
+            result = future.result()
         except BrokenProcessPool:
             if not broken:
                 logger.error("A worker process died; restarting the pool for the rest.")
             broken = True
             lost.append(spec)
+            continue
         except Exception as error:  # An error while sending the result back.
-            on_result(TrialResult(spec.trial_hash, spec.name, "FAILED", error=repr(error)))
+            result = TrialResult(spec.trial_hash, spec.name, "FAILED", error=repr(error))
+        on_result(result)
     return broken, lost
 
 

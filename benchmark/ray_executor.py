@@ -268,7 +268,9 @@ def _run_tasks(
                 spec = in_flight.pop(ref)
                 if _deliver(ray, ref, spec, context, on_result, crashes):
                     pending.appendleft(spec)
-    except KeyboardInterrupt:
+    except BaseException:
+        # Ctrl-C, or on_result stopping the sweep (a tracking server that went away): the
+        # trials in flight are cancelled rather than left to run into the same failure.
         _cancel(ray, in_flight)
         raise
 

@@ -6,10 +6,12 @@ import json
 import logging
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
@@ -21,9 +23,11 @@ from benchmark.tracking import (
     PARENT_TAG,
     SUITE_TAG,
     RunLogger,
+    bound_http_requests,
     default_tracking_uri,
     finished_runs,
     get_or_create_experiment,
+    is_http,
     is_local_sqlite,
 )
 from benchmark.trial import SweepContext, TrialResult, load_dataset
@@ -35,7 +39,7 @@ EXECUTORS = ("local", "ray")
 
 
 class SweepError(RuntimeError):
-    """A sweep that cannot start, such as an unreachable tracking store."""
+    """A sweep that cannot start or go on, such as one whose tracking store is unreachable."""
 
 
 @dataclass(frozen=True)
@@ -86,20 +90,44 @@ def run_sweep(
         cpus_per_trial: CPUs each Ray task declares; None divides the cluster's among ``workers``.
 
     Raises:
-        SweepError: If the tracking store cannot be opened, or Ray cannot be used.
+        SweepError: If the tracking store cannot be opened, if Ray cannot be used, or if a
+            tracking server stops responding during the sweep.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}.")
     results_dir = results_dir.resolve()
-    results_dir.mkdir(parents=True, exist_ok=True)
+    if tracking_uri is None:
+        # The default store is a file in the results folder, so the folder must exist first.
+        # Another store is checked before anything is written.
+        results_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or default_tracking_uri(results_dir)
-    tags = dict(tags or {})
     executor_options = ExecutorOptions(executor, ray_address, cpus_per_trial)
     if executor == "ray":
         _check_ray(executor_options, tracking_uri)
+    if is_http(tracking_uri):
+        bound_http_requests()
     client, experiment_id = _open_store(tracking_uri, experiment_name(suite))
+    results_dir.mkdir(parents=True, exist_ok=True)
     _announce_store(tracking_uri, experiment_name(suite))
+    with _server_errors(tracking_uri):
+        return _sweep(client, experiment_id, suite, trials, results_dir, tracking_uri, workers,
+                      rerun, plugins, dict(tags or {}), quick, executor_options)
 
+
+def _sweep(
+    client: MlflowClient,
+    experiment_id: str,
+    suite: Suite,
+    trials: Sequence[TrialSpec],
+    results_dir: Path,
+    tracking_uri: str,
+    workers: int,
+    rerun: bool,
+    plugins: Sequence[str],
+    tags: dict[str, str],
+    quick: bool,
+    executor_options: ExecutorOptions,
+) -> SweepOutcome:
     done = {} if rerun else finished_runs(client, experiment_id)
     to_run = [spec for spec in trials if spec.trial_hash not in done]
     _preflight_datasets(to_run)
@@ -112,7 +140,7 @@ def run_sweep(
     parent_id = parent.info.run_id
     parent_logger = RunLogger(client, parent_id)
     parent_logger.log_params({
-        "suite": suite.name, "quick": quick, "workers": workers, "executor": executor,
+        "suite": suite.name, "quick": quick, "workers": workers, "executor": executor_options.name,
         "trials_planned": len(trials), "trials_skipped": len(trials) - len(to_run),
     })
     client.log_dict(parent_id, suite.model_dump(), "suite.json")
@@ -125,6 +153,8 @@ def run_sweep(
     context = SweepContext(tracking_uri, experiment_id, parent_id, tags)
     try:
         _execute(to_run, context, workers, plugins, outcome, executor_options)
+    except SweepError:
+        raise  # The store is unreachable, so the runs cannot be marked.
     except BaseException:
         _end_running_children(client, experiment_id, parent_id)
         client.set_terminated(parent_id, "KILLED")
@@ -176,8 +206,19 @@ def _end_running_children(client: MlflowClient, experiment_id: str, parent_id: s
 
 
 def _open_store(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:
-    if tracking_uri.startswith(("http://", "https://")):
-        _check_server(tracking_uri)
+    if is_http(tracking_uri):
+        problem = _server_problem(tracking_uri)
+        if problem:
+            port = urllib.parse.urlsplit(tracking_uri).port
+            start = "mlflow server --backend-store-uri sqlite:///mlflow.db" + (
+                f" --port {port}" if port else ""
+            )
+            raise SweepError(
+                f"Could not open the MLflow tracking store {tracking_uri!r}: {problem}. Check "
+                f"that the MLflow server is running and that --tracking-uri is right. Start one "
+                f"with `{start}`, or leave out --tracking-uri to log to mlflow.db in the "
+                f"results folder."
+            )
     try:
         client = MlflowClient(tracking_uri)
         return client, get_or_create_experiment(client, name, tracking_uri)
@@ -193,18 +234,46 @@ def _open_store(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:
         ) from error
 
 
-def _check_server(tracking_uri: str, timeout: float = 10.0) -> None:
-    # MLflow's client retries a dead server with backoff for minutes; one direct request to the
-    # server's health endpoint fails in seconds.
+def _server_problem(tracking_uri: str, timeout: float = 10.0) -> str | None:
+    """Return why a tracking server's health endpoint failed, or None if it responded.
+
+    MLflow's client retries a dead server with backoff, but one direct request to the health
+    endpoint fails at once. For a store that is not a server, this returns None.
+    """
+    if not is_http(tracking_uri):
+        return None
     url = tracking_uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             response.read()
     except (OSError, urllib.error.URLError) as error:
-        raise SweepError(
-            f"Could not open the MLflow tracking store {tracking_uri!r}: {url} did not respond "
-            f"({error}). Check that the MLflow server is running and that --tracking-uri is right."
-        ) from error
+        return f"{url} did not respond ({error})"
+    return None
+
+
+def _server_lost(tracking_uri: str, problem: str) -> SweepError:
+    return SweepError(
+        f"The MLflow tracking server {tracking_uri!r} stopped responding during the sweep: "
+        f"{problem}. Trials that finished before are kept in the store. Restart the server on "
+        f"the same backend store, then run the same command to resume the sweep without them."
+    )
+
+
+@contextmanager
+def _server_errors(tracking_uri: str) -> Iterator[None]:
+    """Turn any error of a sweep whose tracking server stopped into one :class:`SweepError`.
+
+    Whichever MLflow call notices first would otherwise end the sweep with its own traceback.
+    """
+    try:
+        yield
+    except SweepError:
+        raise
+    except Exception as error:
+        problem = _server_problem(tracking_uri)
+        if problem is None:
+            raise
+        raise _server_lost(tracking_uri, problem) from error
 
 
 def _announce_store(tracking_uri: str, experiment: str) -> None:
@@ -238,6 +307,10 @@ def _execute(
     def on_result(result: TrialResult) -> None:
         outcome.ran += 1
         if result.status != "FINISHED":
+            # A trial fails when its store does, so every later trial would fail the same way.
+            problem = _server_problem(context.tracking_uri)
+            if problem:
+                raise _server_lost(context.tracking_uri, problem)
             outcome.failures.append(result)
             bar.write(f"FAILED {result.name}: {result.error}", file=sys.stderr)
         bar.update(1)

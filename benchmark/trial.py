@@ -106,10 +106,12 @@ class EpochMetricsLogger(pl.Callback):
         self.flush()
 
     def flush(self) -> None:
-        if self._pending:
-            self.run_logger.log_metric_steps(self._pending)
-            self._pending = []
+        # The buffer is emptied before sending, so ``on_exception`` does not send it again to a
+        # store that just failed. The trial fails either way.
+        pending, self._pending = self._pending, []
         self._last_flush = time.monotonic()
+        if pending:
+            self.run_logger.log_metric_steps(pending)
 
 
 @lru_cache(maxsize=4)
@@ -320,8 +322,9 @@ def _record_failure(client: MlflowClient, run_id: str, trace: str, summary: str)
         client.set_tag(run_id, "error", summary[:5000])
         client.log_text(run_id, trace, "error.txt")
         client.set_terminated(run_id, "FAILED")
-    except Exception:  # The store failed too: the error still reaches the sweep's summary.
-        logger.exception("Could not record the failure of run %s", run_id)
+    except Exception as error:  # The store failed too, but the result still carries the error.
+        logger.error("Could not record the failure of run %s: %s: %s", run_id,
+                     type(error).__name__, error)
 
 
 def quiet_libraries() -> None:

@@ -1,12 +1,15 @@
-"""MLflow helpers against a real SQLite store: limits on params, batching, flattening."""
+"""MLflow helpers against a real SQLite store: param limits, batching, flattening, HTTP bounds."""
 
 import json
+import os
 
 from mlflow.tracking import MlflowClient
 
 from benchmark.tracking import (
+    HTTP_REQUEST_BOUNDS,
     MAX_PARAM_VALUE,
     RunLogger,
+    bound_http_requests,
     config_params,
     default_tracking_uri,
     flatten,
@@ -60,3 +63,19 @@ def test_metric_steps_batched(tmp_path):
 
     history = client.get_metric_history(run.info.run_id, "val/a/mse")
     assert sorted((m.step, m.value) for m in history) == [(s, s / 10) for s in range(600)]
+
+
+def test_http_bounds_keep_user_values(monkeypatch):
+    for name in HTTP_REQUEST_BOUNDS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+
+    settings = bound_http_requests()
+
+    assert settings == {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "300",
+    }
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "3"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
