@@ -46,13 +46,20 @@ def plot(summary: pl.DataFrame, path: Path, title: str) -> Path | None:
 
 
 def plot_against_size(
-    trials: pl.DataFrame, summary: pl.DataFrame, out_dir: Path, suite: str
+    trials: pl.DataFrame,
+    summary: pl.DataFrame,
+    out_dir: Path,
+    suite: str,
+    difference_to: str | None = None,
 ) -> list[Path]:
     """Plot each task metric against model size: one line and 95 % band per model.
 
     One figure per dataset and grid point, written when the sweep has two or more budgets. Its
     rows are the task metrics; its columns put the mean trainable parameter count, then the
     mean parameter count at serving time (SNR without its closed connections) on a log x axis.
+    The y axis spans the means, so a band much wider than the spread of the means is cut at
+    the axes. With ``difference_to``, ``summary`` holds paired differences to that model and
+    the figures get a line at 0.
     """
     sizes = [c for c in SIZE_AXES if c in trials.columns]
     if "param_count" not in sizes or trials["budget"].n_unique() < 2:
@@ -61,6 +68,7 @@ def plot_against_size(
     keys = ["dataset", *grid_columns, "budget", "model"]
     means = trials.drop_nulls("param_count").group_by(keys).agg(pl.col(sizes).mean())
     joined = summary.join(means, on=keys, how="inner")
+    budgets = sorted(trials["budget"].unique().to_list())
 
     plt = _pyplot()
     files = []
@@ -70,17 +78,44 @@ def plot_against_size(
             len(metrics), len(sizes), figsize=(5 * len(sizes), 3.6 * len(metrics)), squeeze=False
         )
         for row, metric in zip(axes, metrics):
+            values = group.filter(pl.col("metric") == metric)
             for axis, size in zip(row, sizes):
-                _lines_with_bands(axis, group.filter(pl.col("metric") == metric), size)
-                axis.set_xscale("log")
-                axis.set_xlabel(SIZE_AXES[size])
-                axis.set_ylabel(metric)
-                axis.grid(alpha=0.3, which="both")
+                _lines_with_bands(axis, values, size)
+                _size_axis(axis, budgets, SIZE_AXES[size])
+                _fit_to_means(axis, values["mean"].to_numpy(), zero=difference_to is not None)
+                axis.set_ylabel(metric if difference_to is None else f"{metric} - {difference_to}")
         axes[0][0].legend(fontsize="small")
         label = _point_label(point[0], grid_columns, point[1:])
-        title = f"{suite}: {label}, metric against model size (mean, 95 % CI)"
-        files.append(_save(figure, title, out_dir / f"{_slug(label)}_size.png"))
+        if difference_to is None:
+            title = f"{suite}: {label}, metric against model size (mean, 95 % CI)"
+            name = f"{_slug(label)}_size.png"
+        else:
+            title = (f"{suite}: {label}, difference to {difference_to} at the same budget, "
+                     f"paired by seed (mean, 95 % CI)")
+            name = f"{_slug(label)}_size_vs_{_slug(difference_to)}.png"
+        files.append(_save(figure, title, out_dir / name))
     return files
+
+
+def _size_axis(axis, budgets: list[int], label: str) -> None:
+    axis.set_xscale("log")
+    axis.set_xticks(budgets, [f"{b / 1000:g}k" if b >= 1000 else str(b) for b in budgets])
+    axis.minorticks_off()
+    axis.set_xlabel(label)
+    axis.grid(alpha=0.3)
+
+
+def _fit_to_means(axis, means: np.ndarray, zero: bool) -> None:
+    """Span the y axis over the means (and 0 for differences), with a margin for the bands."""
+    means = means[np.isfinite(means)]
+    if not means.size:
+        return
+    low, high = float(means.min()), float(means.max())
+    if zero:
+        low, high = min(low, 0.0), max(high, 0.0)
+        axis.axhline(0.0, color="black", linewidth=0.8)
+    margin = max(high - low, 1e-3 * max(abs(low), abs(high), 1.0)) * 0.6
+    axis.set_ylim(low - margin, high + margin)
 
 
 def routing_matrices(row: dict) -> dict[str, tuple[np.ndarray, list[str]]]:
@@ -191,7 +226,7 @@ def _lines_with_bands(axis, summary: pl.DataFrame, x_column: str) -> None:
         x, mean = group[x_column].to_numpy(), group["mean"].to_numpy()
         line = axis.plot(x, mean, marker="o", label=model)[0]
         low, high = group["ci95_low"].to_numpy(), group["ci95_high"].to_numpy()
-        axis.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+        axis.fill_between(x, low, high, color=line.get_color(), alpha=0.1, linewidth=0)
 
 
 def _point_label(dataset: str, grid_columns: list[str], values) -> str:

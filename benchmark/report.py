@@ -224,6 +224,7 @@ def write_report(
             verdicts.write_csv(files[-1])
             text += "\n\n## Negative transfer\n\n" + format_transfer(verdicts, baseline)
             text += "\n\n" + format_tables(differences, difference_to=baseline)
+            files += plot_against_size(trials, differences, out_dir, suite, baseline)
     files[2].write_text(f"# Suite `{suite}`: test metrics, mean ± 95 % CI over seeds\n\n{text}\n")
 
     for (dataset, budget), group in summary.group_by(["dataset", "budget"], maintain_order=True):

@@ -114,3 +114,8 @@ def test_size_plot_needs_two_budgets(tmp_path):
     assert sorted(f.name for f in files) == [
         "toy_correlation=0.5_size.png", "toy_correlation=0.9_size.png",
     ]
+    differences = paired_differences(two, "x")
+    files = plot_against_size(two, differences, tmp_path, "toy", difference_to="x")
+    assert sorted(f.name for f in files) == [
+        "toy_correlation=0.5_size_vs_x.png", "toy_correlation=0.9_size_vs_x.png",
+    ]
