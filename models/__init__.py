@@ -18,14 +18,17 @@ register_model = MODELS.register
 
 from models import moe, shared_bottom, snr  # noqa: E402  (registers the built-in models)
 from models.budget import count_parameters, fit_budget  # noqa: E402
+from models.weighting import WEIGHTINGS, register_weighting  # noqa: E402
 
 __all__ = [
     "MODELS",
+    "WEIGHTINGS",
     "MultiTaskModel",
     "count_parameters",
     "fit_budget",
     "moe",
     "register_model",
+    "register_weighting",
     "shared_bottom",
     "snr",
 ]

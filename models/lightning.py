@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from datasets.base import Batch, TaskSpec
+from models.weighting import EqualWeighting, LossWeighting
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,14 @@ class MultiTaskModule(pl.LightningModule):
         tasks: The dataset's tasks, in the model's output order.
         learning_rate: Adam learning rate.
         weight_decay: Adam weight decay.
+        weighting: How the task losses become gradients (see :mod:`models.weighting`); None
+            sums them.
 
     Attributes:
         epoch_metrics: After each validation epoch, the training and validation metrics of that
-            epoch (train loss terms averaged over its batches), plus the model's diagnostics.
+            epoch (train loss terms averaged over its batches, ``train/loss`` their unweighted
+            sum), each task's loss weight at the end of the epoch as
+            ``train/<task>/loss_weight``, and the model's diagnostics.
         test_metrics: After a test run, the test metrics.
     """
 
@@ -104,6 +109,7 @@ class MultiTaskModule(pl.LightningModule):
         tasks: Sequence[TaskSpec],
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
+        weighting: LossWeighting | None = None,
     ) -> None:
         super().__init__()
         # Manual optimisation: one plain zero_grad, backward and step per batch. Lightning's
@@ -114,6 +120,7 @@ class MultiTaskModule(pl.LightningModule):
         self.tasks = tuple(tasks)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
+        self.weighting = weighting if weighting is not None else EqualWeighting(self.tasks)
         self.epoch_metrics: dict[str, float] = {}
         self.test_metrics: dict[str, float] = {}
         self._train_totals = _RunningTotals()
@@ -135,7 +142,6 @@ class MultiTaskModule(pl.LightningModule):
         regularization = getattr(self.model, "regularization_losses", dict)()
         terms.extend(regularization.values())
         terms = torch.stack(terms)  # (T + R,)
-        loss = terms.sum()
 
         # One running sum on the device, detached, read once per epoch: per-step logging would
         # cost more than a small model's step.
@@ -148,8 +154,9 @@ class MultiTaskModule(pl.LightningModule):
 
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        self.manual_backward(loss)
+        loss = self.weighting.backward(terms, self.model, self.manual_backward)
         optimizer.step()
+        self.weighting.after_step()
         return loss
 
     def validation_step(self, batch: Batch, batch_index: int) -> None:
@@ -164,11 +171,32 @@ class MultiTaskModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._reset_collected()
 
+    def on_fit_start(self) -> None:
+        if not self.weighting.per_task_gradients:
+            return
+        name = type(self.weighting).__name__
+        if self.trainer.world_size > 1:
+            raise RuntimeError(
+                f"Loss weighting `{name}` takes one gradient per task with "
+                f"`torch.autograd.grad`, which bypasses the gradient synchronisation of "
+                f"distributed data parallel, so it cannot train on {self.trainer.world_size} "
+                f"processes. Train on one device (`devices=1`), or use a weighting that needs "
+                f"one backward pass: equal, fixed or uncertainty."
+            )
+        if str(self.trainer.precision).startswith("16"):
+            raise RuntimeError(
+                f"Loss weighting `{name}` takes one gradient per task, which the loss scaling "
+                f"of precision {self.trainer.precision!r} does not cover. Train with "
+                f"`precision='32-true'` or `'bf16-mixed'`, or use equal, fixed or uncertainty."
+            )
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         metrics = self._train_totals.means("train")
         self._train_totals = _RunningTotals()
+        if metrics:
+            metrics.update(self._loss_weights())
 
         metrics.update(self._split_metrics("val"))
         metrics["val/selection_score"] = selection_score(self.tasks, metrics, "val")
@@ -180,12 +208,25 @@ class MultiTaskModule(pl.LightningModule):
         self.test_metrics = self._split_metrics("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [{"params": list(self.model.parameters())}]
+        weighting_parameters = self.weighting.optimizer_parameters()
+        if weighting_parameters:
+            # Weight decay would pull learned loss weights towards a value of its own choosing.
+            groups.append({"params": weighting_parameters, "weight_decay": 0.0})
         # foreach=True updates all parameters in a few vectorised calls instead of a loop of
         # small ones, which dominates a small model's step on the CPU.
         return torch.optim.Adam(
-            self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay,
-            foreach=True,
+            groups, lr=self.learning_rate, weight_decay=self.weight_decay, foreach=True
         )
+
+    def _loss_weights(self) -> dict[str, float]:
+        weights = self.weighting.weights()
+        if weights is None:
+            return {}
+        return {
+            f"train/{task.name}/loss_weight": float(weight)
+            for task, weight in zip(self.tasks, weights.tolist())
+        }
 
     def _collect(self, batch: Batch) -> None:
         features, targets, _ = batch
