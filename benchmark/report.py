@@ -120,11 +120,16 @@ def format_tables(summary: pl.DataFrame, difference_to: str | None = None) -> st
             cell=pl.struct("mean", "ci95").map_elements(
                 lambda row: _cell(row["mean"], row["ci95"]), return_dtype=pl.String
             ),
-            point=_grid_label(grid_columns),
+            point=_grid_label(_filled_columns(group, grid_columns)),
         )
         table = cells.pivot(on="point", index="model", values="cell", maintain_order=True)
         blocks.append(f"{title}\n{_markdown(table)}")
     return "\n\n".join(blocks)
+
+
+def _filled_columns(frame: pl.DataFrame, columns: list[str]) -> list[str]:
+    # In a suite with several datasets, each dataset's rows leave the other grids' columns null.
+    return [c for c in columns if frame[c].null_count() < frame.height]
 
 
 def _grid_label(grid_columns: list[str]) -> pl.Expr:
@@ -158,7 +163,7 @@ def plot(summary: pl.DataFrame, path: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid_columns = [c for c in summary.columns if c.startswith("grid.")]
+    grid_columns = _filled_columns(summary, [c for c in summary.columns if c.startswith("grid.")])
     if len(grid_columns) != 1 or not summary[grid_columns[0]].dtype.is_numeric():
         return None
     x_column = grid_columns[0]
