@@ -1,10 +1,10 @@
 """Suite files and the trial plan they expand to.
 
 A suite is a TOML or YAML file naming datasets and their parameter grids, models, loss
-weightings, parameter budgets, seeds and training settings. The built-in suites live in ``benchmark/suites/``; a user
-passes a path to run their own. A suite is validated whole before any trial runs: unknown keys,
-unknown model, weighting or dataset names, empty grids and out-of-range values raise :class:`SuiteError`
-naming the key.
+weightings, parameter budgets, seeds and training settings. The built-in suites live in
+``benchmark/suites/``; a user passes a path to run their own. A suite is validated whole before
+any trial runs: unknown keys, unknown model, weighting or dataset names, empty grids and
+out-of-range values raise :class:`SuiteError` naming the key.
 
 The optional ``quick`` table contains overrides, in the same layout as the suite, that ``--quick``
 merges in to shrink the suite to a smoke test.
@@ -145,7 +145,7 @@ class TrialSpec:
 
     @property
     def default_weighting(self) -> bool:
-        """True for the plain sum of task losses, the only training before weightings existed."""
+        """Whether the trial sums its task losses, as every trial did before weightings existed."""
         return self.weighting == DEFAULT_WEIGHTING and not self.weighting_options
 
     @property

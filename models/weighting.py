@@ -178,8 +178,11 @@ def _fixed_weights(
         )
 
     for name, value in zip(task_names, values):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"Fixed weight of task {name!r} must be a finite number, got {value!r}.")
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not is_number or not math.isfinite(value):
+            raise ValueError(
+                f"Fixed weight of task {name!r} must be a finite number, got {value!r}."
+            )
         if value < 0:
             raise ValueError(
                 f"Fixed weight of task {name!r} is negative ({value!r}); weights must be >= 0."
@@ -234,7 +237,8 @@ class UncertaintyWeighting(LossWeighting):
             prior = 0.5
         else:
             scales, prior = [1.0] * len(self.tasks), 1.0
-        self.log_variances = nn.Parameter(torch.full((len(self.tasks),), float(initial_log_variance)))
+        initial = torch.full((len(self.tasks),), float(initial_log_variance))
+        self.log_variances = nn.Parameter(initial)  # (T,): s_t
         self.register_buffer("scales", torch.tensor(scales))  # (T,): c_t
         self.prior = prior  # factor of s_t in the loss
 

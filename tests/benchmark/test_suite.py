@@ -138,7 +138,8 @@ def test_builtin_suites_listed():
 
 def add_weightings(path, names):
     """Put a top-level `weightings` key into a suite file written by `write_suite`."""
-    path.write_text(path.read_text().replace("seeds = ", f"weightings = {list(names)!r}\nseeds = ", 1))
+    text = path.read_text().replace("seeds = ", f"weightings = {list(names)!r}\nseeds = ", 1)
+    path.write_text(text)
     return path
 
 

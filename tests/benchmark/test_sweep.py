@@ -281,8 +281,8 @@ def test_weighting_sweep_logs_weights_and_labels(tmp_path):
 
 
 def test_invalid_weighting_option_stops_before_any_run(tmp_path, capsys):
-    suite = write_suite(tmp_path, models=("mmoe",), seeds=(0,), correlations=(0.5,),
-                        extra="\n[weighting_options.fixed]\nweights = { task1 = 1.0, clicks = 2.0 }\n")
+    options = "\n[weighting_options.fixed]\nweights = { task1 = 1.0, clicks = 2.0 }\n"
+    suite = write_suite(tmp_path, models=("mmoe",), seeds=(0,), correlations=(0.5,), extra=options)
     results = tmp_path / "results"
 
     assert run(suite, results, "--weighting", "fixed") == 2
