@@ -51,7 +51,7 @@ class LossWeighting(nn.Module):
     Attributes:
         per_task_gradients: True when :meth:`backward` takes one gradient per task. Such a
             weighting bypasses the gradient synchronisation of distributed data parallel and the
-            loss scaling of 16-bit mixed precision, so the training wrapper rejects both.
+            loss scaling of ``precision="16-mixed"``, so the training wrapper rejects both.
     """
 
     per_task_gradients: ClassVar[bool] = False
@@ -85,6 +85,9 @@ class LossWeighting(nn.Module):
 
     def after_step(self) -> None:
         """Update the weighting's own state once the model's optimiser has stepped."""
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` before training when the weighting cannot train ``model``."""
 
     def weights(self) -> Tensor | None:
         """Return the (T,) effective weight of each task loss, or None when there is none."""
@@ -306,15 +309,12 @@ class GradNorm(LossWeighting):
     def combine(self, losses: Tensor) -> Tensor:
         return (self.task_weights.detach() * losses).sum()
 
+    def check_model(self, model: nn.Module) -> None:
+        self._shared_layer(model)
+
     def backward(self, terms: Tensor, model: nn.Module, backward: Backward) -> Tensor:
         losses = terms[:len(self.tasks)]
-        layer = last_shared_parameters(model)
-        if not layer:
-            raise ValueError(
-                f"GradNorm needs the weights of a shared layer, but `{type(model).__name__}` "
-                f"shares none (its `last_shared_parameters()` is empty). Use another weighting "
-                f"for this model, or define `last_shared_parameters()` on it."
-            )
+        layer = self._shared_layer(model)
         if self.initial_losses is None:
             self.initial_losses = losses.detach().clone()
         unit_norms = torch.stack([_gradient(loss, layer).norm() for loss in losses])  # (T,)
@@ -330,6 +330,16 @@ class GradNorm(LossWeighting):
         loss = self.total_loss(terms)
         backward(loss)
         return loss
+
+    def _shared_layer(self, model: nn.Module) -> list[nn.Parameter]:
+        layer = last_shared_parameters(model)
+        if not layer:
+            raise ValueError(
+                f"GradNorm needs the weights of a shared layer, but `{type(model).__name__}` "
+                f"shares none (its `last_shared_parameters()` is empty). Use another weighting "
+                f"for this model, or define `last_shared_parameters()` on it."
+            )
+        return layer
 
     def after_step(self) -> None:
         if self._optimizer is None:

@@ -356,3 +356,14 @@ def test_shared_parameters_of_builtin_models():
     assert snr_aver.last_shared_parameters() == [snr_aver.layers[-1].weight]
     snr_trans = MODELS.build("snr_trans", input_dim=3, task_dims=(1, 1), width=4)
     assert snr_trans.last_shared_parameters() == [snr_trans.task_routing.weight]
+
+
+def test_gradnorm_fit_rejects_single_task_before_training():
+    split, tasks = tiny_data()
+    model = SingleTask(input_dim=3, task_dims=(1, 1), width=4)
+    before = copy.deepcopy(model.state_dict())
+    module = MultiTaskModule(model, tasks, weighting=GradNorm(tasks))
+    with pytest.raises(ValueError, match=r"GradNorm needs the weights of a shared layer"):
+        quiet_trainer(1).fit(module, TensorBatches(split, 16), TensorBatches(split, 64))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
