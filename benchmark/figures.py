@@ -29,7 +29,7 @@ def plot(summary: pl.DataFrame, path: Path, title: str) -> Path | None:
     grid has no single numeric parameter to put on the x axis.
     """
     plt = _pyplot()
-    grid_columns = [c for c in summary.columns if c.startswith("grid.")]
+    grid_columns = filled_columns(summary, [c for c in summary.columns if c.startswith("grid.")])
     if len(grid_columns) != 1 or not summary[grid_columns[0]].dtype.is_numeric():
         return None
     x_column = grid_columns[0]
@@ -67,7 +67,7 @@ def plot_against_size(
     grid_columns = [c for c in summary.columns if c.startswith("grid.")]
     keys = ["dataset", *grid_columns, "budget", "model"]
     means = trials.drop_nulls("param_count").group_by(keys).agg(pl.col(sizes).mean())
-    joined = summary.join(means, on=keys, how="inner")
+    joined = summary.join(means, on=keys, how="inner", nulls_equal=True)
     budgets = sorted(trials["budget"].unique().to_list())
 
     plt = _pyplot()
@@ -220,6 +220,14 @@ def _heat_maps(panels: list[tuple[str, dict[str, np.ndarray]]], title: str, path
     return _save(figure, title, path, tight=False)  # constrained layout places the colour bars
 
 
+def filled_columns(frame: pl.DataFrame, columns: list[str]) -> list[str]:
+    """Return the columns that hold a value in some row of ``frame``.
+
+    In a suite with several datasets, each dataset's rows leave the other grids' columns null.
+    """
+    return [c for c in columns if frame[c].null_count() < frame.height]
+
+
 def _lines_with_bands(axis, summary: pl.DataFrame, x_column: str) -> None:
     for (model,), group in summary.group_by(["model"], maintain_order=True):
         group = group.sort(x_column)
@@ -230,7 +238,7 @@ def _lines_with_bands(axis, summary: pl.DataFrame, x_column: str) -> None:
 
 
 def _point_label(dataset: str, grid_columns: list[str], values) -> str:
-    parts = [f"{c[len('grid.'):]}={v}" for c, v in zip(grid_columns, values)]
+    parts = [f"{c[len('grid.'):]}={v}" for c, v in zip(grid_columns, values) if v is not None]
     return " ".join([dataset, *parts])
 
 

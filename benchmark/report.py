@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import polars as pl
 from scipy import stats
 
-from benchmark.figures import plot, plot_against_size, plot_routing
+from benchmark.figures import filled_columns, plot, plot_against_size, plot_routing
 
 TASK_METRIC = re.compile(r"^test/(?P<task>[^/]+)/(?P<metric>[^/]+)$")
 GROUP_COLUMNS = ("dataset", "budget", "model")
@@ -88,7 +88,9 @@ def paired_differences(trials: pl.DataFrame, baseline: str) -> pl.DataFrame:
     reference = trials.filter(pl.col("model") == baseline).select(
         keys + [pl.col(c).alias(f"{c}@baseline") for c in metric_columns]
     )
-    paired = trials.filter(pl.col("model") != baseline).join(reference, on=keys, how="inner")
+    paired = trials.filter(pl.col("model") != baseline).join(
+        reference, on=keys, how="inner", nulls_equal=True
+    )
     differences = paired.select(
         keys + ["model"] + [(pl.col(c) - pl.col(f"{c}@baseline")).alias(c) for c in metric_columns]
     )
@@ -124,18 +126,24 @@ def format_tables(summary: pl.DataFrame, difference_to: str | None = None) -> st
                 lambda row, sign=sign: _cell(row["mean"], row["ci95"], sign if difference_to else None),
                 return_dtype=pl.String,
             ),
-            point=_grid_label(grid_columns),
+            point=_grid_label(filled_columns(group, grid_columns)),
         )
         table = cells.pivot(on="point", index="model", values="cell", maintain_order=True)
         blocks.append(f"{title}\n{_markdown(table)}")
     return "\n\n".join(blocks)
 
 
+def _filled_columns(frame: pl.DataFrame, columns: list[str]) -> list[str]:
+    # In a suite with several datasets, each dataset's rows leave the other grids' columns null.
+    return [c for c in columns if frame[c].null_count() < frame.height]
+
+
 def _grid_label(grid_columns: list[str]) -> pl.Expr:
     if not grid_columns:
         return pl.lit("all")
     parts = [pl.format(f"{c[len('grid.'):]}={{}}", pl.col(c).cast(pl.String)) for c in grid_columns]
-    return pl.concat_str(parts, separator=" ")
+    # A dataset's rows leave the grid columns of other datasets null; those parts are skipped.
+    return pl.concat_str(parts, separator=" ", ignore_nulls=True)
 
 
 def _cell(mean: float, half_width: float | None, sign: float | None = None) -> str:

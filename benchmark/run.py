@@ -36,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="built-in suite name or path to a .toml/.yaml suite file "
                         "(default: %(default)s)")
     parser.add_argument("--list", action="store_true",
-                        help="list the built-in suites, models and datasets, then exit")
+                        help="list the built-in suites, models, weightings and datasets, then exit")
     parser.add_argument("--models", type=_csv, help="comma-separated models replacing the suite's")
+    parser.add_argument("--weighting", type=_csv, dest="weightings", metavar="WEIGHTINGS",
+                        help="comma-separated loss weightings replacing the suite's, e.g. "
+                        "equal,gradnorm (default of a suite without them: equal)")
     parser.add_argument("--seeds", type=_csv_ints,
                         help="comma-separated seeds replacing the suite's, e.g. 0,1,2")
     parser.add_argument("--budgets", type=_csv_ints,
@@ -172,7 +175,7 @@ def _git_commit(folder: Path) -> str | None:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
-    for key in ("models", "seeds", "budgets"):
+    for key in ("models", "weightings", "seeds", "budgets"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if args.max_epochs is not None:
@@ -184,12 +187,13 @@ def _print_listing() -> None:
     from benchmark.references import REFERENCES
     from benchmark.suite import read_suite_file
     from datasets import DATASETS
-    from models import MODELS
+    from models import MODELS, WEIGHTINGS
 
     print("Suites:")
     for name, path in sorted(builtin_suites().items()):
         print(f"  {name:<12} {read_suite_file(path).get('description', '')}")
     print("Models:     " + ", ".join(MODELS.names()))
+    print("Weightings: " + ", ".join(WEIGHTINGS.names()))
     print("Datasets:   " + ", ".join(DATASETS.names()))
     print("References: " + ", ".join(REFERENCES.names()))
 

@@ -1,10 +1,10 @@
 """Suite files and the trial plan they expand to.
 
-A suite is a TOML or YAML file naming datasets and their parameter grids, models, parameter
-budgets, seeds and training settings. The built-in suites live in ``benchmark/suites/``; a user
-passes a path to run their own. A suite is validated whole before any trial runs: unknown keys,
-unknown model or dataset names, empty grids and out-of-range values raise :class:`SuiteError`
-naming the key.
+A suite is a TOML or YAML file naming datasets and their parameter grids, models, loss
+weightings, parameter budgets, seeds and training settings. The built-in suites live in
+``benchmark/suites/``; a user passes a path to run their own. A suite is validated whole before
+any trial runs: unknown keys, unknown model, weighting or dataset names, empty grids and
+out-of-range values raise :class:`SuiteError` naming the key.
 
 The optional ``quick`` table contains overrides, in the same layout as the suite, that ``--quick``
 merges in to shrink the suite to a smoke test.
@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from benchmark.references import REFERENCES
 from datasets import DATASETS
 from models import MODELS
+from models.weighting import DEFAULT_WEIGHTING, WEIGHTINGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -85,6 +86,9 @@ class Suite(_Strict):
     models: list[str] = Field(min_length=1)
     model_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     model_grid: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    # Loss weightings crossed with the models; see models/weighting.py.
+    weightings: list[str] = Field(default_factory=lambda: [DEFAULT_WEIGHTING], min_length=1)
+    weighting_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     references: list[str] = Field(default_factory=list)
     reference_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     budgets: list[int] = Field(min_length=1)
@@ -113,6 +117,13 @@ class Suite(_Strict):
                 raise ValueError(f"budget {budget!r} is not a positive number of parameters")
         return budgets
 
+    @field_validator("weightings")
+    @classmethod
+    def _weightings_unique(cls, weightings: list[str]) -> list[str]:
+        if len(set(weightings)) != len(weightings):
+            raise ValueError(f"weightings {weightings} repeat a name; each must appear once")
+        return weightings
+
     @field_validator("seeds")
     @classmethod
     def _seeds_valid(cls, seeds: list[int]) -> list[int]:
@@ -126,10 +137,11 @@ class Suite(_Strict):
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One trial: a model trained at one budget and seed on one point of a dataset's grid.
+    """One trial: a model trained with one loss weighting at one budget and seed on one point
+    of a dataset's grid.
 
     A trial of kind ``"reference"`` fits a non-neural reference (``model`` is its name) and has
-    no budget or training settings.
+    no budget, weighting or training settings.
     """
 
     suite: str
@@ -143,6 +155,13 @@ class TrialSpec:
     training: dict[str, Any]
     kind: str = "model"
     variant: dict[str, Any] = field(default_factory=dict)  # this trial's point of model_grid
+    weighting: str = DEFAULT_WEIGHTING
+    weighting_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_weighting(self) -> bool:
+        """Whether the trial sums its task losses, as every trial did before weightings existed."""
+        return self.weighting == DEFAULT_WEIGHTING and not self.weighting_options
 
     def config(self) -> dict[str, Any]:
         """Return the resolved configuration that identifies the trial."""
@@ -153,13 +172,17 @@ class TrialSpec:
                 "reference": {"name": self.model, "options": self.model_options},
                 "seed": self.seed,
             }
-        return {
+        config = {
             "dataset": {"name": self.dataset, "params": {**self.dataset_params, **self.grid_point}},
             "model": {"name": self.model, "options": self.model_options},
             "budget": self.budget,
             "seed": self.seed,
             "training": self.training,
         }
+        # Left out for the default, so trials stored before weightings existed keep their hash.
+        if not self.default_weighting:
+            config["weighting"] = {"name": self.weighting, "options": self.weighting_options}
+        return config
 
     @property
     def trial_hash(self) -> str:
@@ -169,11 +192,13 @@ class TrialSpec:
 
     @property
     def label(self) -> str:
-        """The model as the report shows it: its name, and its ``model_grid`` point if any."""
-        if not self.variant:
-            return self.model
-        options = ",".join(f"{key}={value}" for key, value in self.variant.items())
-        return f"{self.model}[{options}]"
+        """The model as the report shows it: its name, its ``model_grid`` point if any, and
+        ``+<weighting>`` unless the weighting is the default, as in ``mmoe[num_experts=4]+pcgrad``.
+        """
+        label = self.model
+        if self.variant:
+            label += "[" + ",".join(f"{key}={value}" for key, value in self.variant.items()) + "]"
+        return label if self.default_weighting else f"{label}+{self.weighting}"
 
     @property
     def name(self) -> str:
@@ -292,6 +317,18 @@ def validate_suite(
             )
         _check_keywords(MODELS.get(model).factory, options, f"model_grid.{model}", source,
                         reserved=("input_dim", "task_dims", "width"))
+    for index, weighting in enumerate(suite.weightings):
+        _lookup(WEIGHTINGS, weighting, f"weightings[{index}]", source,
+                _origin(("weightings",), overridden))
+    for weighting, options in suite.weighting_options.items():
+        if weighting not in suite.weightings:
+            raise SuiteError(
+                f"Invalid suite {source!r}: `weighting_options.{weighting}` names a weighting "
+                f"that is not in `weightings` ({', '.join(suite.weightings)}). Add it to "
+                f"`weightings` or remove its options."
+            )
+        _check_keywords(WEIGHTINGS.get(weighting).factory, options,
+                        f"weighting_options.{weighting}", source, reserved=("tasks",))
     for index, reference in enumerate(suite.references):
         _lookup(REFERENCES, reference, f"references[{index}]", source)
     for reference, options in suite.reference_options.items():
@@ -317,8 +354,8 @@ def validate_suite(
 
 
 def plan_trials(suite: Suite) -> list[TrialSpec]:
-    """Expand a suite into its trials: datasets x grid points x budgets x models x seeds, plus
-    one trial per reference, grid point and seed."""
+    """Expand a suite into its trials: datasets x grid points x budgets x models x weightings x
+    seeds, plus one trial per reference, grid point and seed."""
     training = suite.training.model_dump()
     trials = []
     for dataset in suite.datasets:
@@ -331,11 +368,21 @@ def plan_trials(suite: Suite) -> list[TrialSpec]:
                 dataset_params=copy.deepcopy(dataset.params),
                 grid_point=dict(zip(keys, values)),
             )
-            for budget, model, seed in itertools.product(suite.budgets, suite.models, suite.seeds):
+            for budget, model, weighting, seed in itertools.product(
+                suite.budgets, suite.models, suite.weightings, suite.seeds
+            ):
                 for variant in _grid_points(suite.model_grid.get(model, {})):
                     options = {**copy.deepcopy(suite.model_options.get(model, {})), **variant}
-                    trials.append(point(model=model, model_options=options, budget=budget,
-                                        seed=seed, training=dict(training), variant=variant))
+                    trials.append(point(
+                        model=model,
+                        model_options=options,
+                        variant=variant,
+                        budget=budget,
+                        seed=seed,
+                        training=dict(training),
+                        weighting=weighting,
+                        weighting_options=copy.deepcopy(suite.weighting_options.get(weighting, {})),
+                    ))
             for reference, seed in itertools.product(suite.references, suite.seeds):
                 options = copy.deepcopy(suite.reference_options.get(reference, {}))
                 trials.append(point(model=reference, model_options=options, budget=0, seed=seed,
@@ -374,8 +421,8 @@ def _check_keywords(factory, values: dict, key: str, source: str, reserved: tupl
 
 
 SECTION_MODELS = {(): Suite, ("training",): TrainingSection, ("datasets",): DatasetSection}
-OPTION_NAMES = {"models": "--models", "seeds": "--seeds", "budgets": "--budgets",
-                "training": "--max-epochs"}
+OPTION_NAMES = {"models": "--models", "weightings": "--weighting", "seeds": "--seeds",
+                "budgets": "--budgets", "training": "--max-epochs"}
 
 
 def _key_path(location: tuple) -> str:

@@ -31,11 +31,14 @@ from benchmark.tracking import (
     is_local_sqlite,
 )
 from benchmark.trial import SweepContext, TrialResult, load_dataset
+from models import WEIGHTINGS
+from models.weighting import DEFAULT_WEIGHTING
 
 logger = logging.getLogger(__name__)
 
 
 EXECUTORS = ("local", "ray")
+BASELINE = "single_task"  # the model whose paired differences the report shows
 
 
 class SweepError(RuntimeError):
@@ -174,21 +177,39 @@ def _preflight_datasets(trials: Sequence[TrialSpec]) -> None:
     download or an invalid parameter stops the sweep with one message, not one per trial.
 
     Loading also fills the adapters' on-disk caches, so the trials do not parse the data again.
+    Each loss weighting is built once on each dataset's tasks too, because its options can
+    depend on them (fixed weights name the tasks).
     """
-    seen = set()
+    tasks_by_setting: dict[tuple[str, str], Sequence[Any]] = {}
+    weightings_built = set()
     for spec in trials:
         key = (spec.dataset, dump_json({**spec.dataset_params, **spec.grid_point}))
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            load_dataset(spec)
-        except Exception as error:
-            point = ", ".join(f"{k}={v}" for k, v in spec.grid_point.items()) or "no grid"
-            raise SweepError(
-                f"Dataset {spec.dataset!r} ({point}) could not be loaded, so no trial was run: "
-                f"{type(error).__name__}: {error}"
-            ) from error
+        point = ", ".join(f"{k}={v}" for k, v in spec.grid_point.items()) or "no grid"
+        if key not in tasks_by_setting:
+            try:
+                tasks_by_setting[key] = load_dataset(spec).tasks
+            except Exception as error:
+                raise SweepError(
+                    f"Dataset {spec.dataset!r} ({point}) could not be loaded, so no trial was "
+                    f"run: {type(error).__name__}: {error}"
+                ) from error
+
+        weighting_key = (*key, spec.weighting, dump_json(spec.weighting_options))
+        if spec.kind == "model" and weighting_key not in weightings_built:
+            weightings_built.add(weighting_key)
+            _preflight_weighting(spec, tasks_by_setting[key], point)
+
+
+def _preflight_weighting(spec: TrialSpec, tasks: Sequence[Any], point: str) -> None:
+    try:
+        WEIGHTINGS.build(spec.weighting, tasks=tasks, **spec.weighting_options)
+    except Exception as error:
+        raise SweepError(
+            f"Loss weighting {spec.weighting!r} with options {spec.weighting_options!r} cannot "
+            f"train on dataset {spec.dataset!r} ({point}), so no trial was run: "
+            f"{type(error).__name__}: {error} Fix `weighting_options.{spec.weighting}` in the "
+            f"suite."
+        ) from error
 
 
 def dump_json(value: Any) -> str:
@@ -352,19 +373,26 @@ def _report(
 ) -> Report:
     # The report reads the store back, so trials finished by an earlier, interrupted sweep count.
     finished = finished_runs(client, experiment_id)
-    budgets = sorted({spec.budget for spec in trials if spec.kind == "model"})
+    models = [spec for spec in trials if spec.kind == "model"]
+    budgets = sorted({spec.budget for spec in models})
+    # Models are labelled `mmoe+gradnorm` as soon as one trial trains with another weighting
+    # than the default, so that every row of the tables names its weighting.
+    labelled = any(not spec.default_weighting for spec in models)
+    baseline = f"{BASELINE}+{DEFAULT_WEIGHTING}" if labelled else BASELINE
     records = []
     for spec in trials:
         if spec.trial_hash not in finished:
             continue
         record = _record(spec, finished[spec.trial_hash])
         if spec.kind == "model":
+            if labelled and spec.default_weighting:
+                record["model"] = f"{spec.label}+{DEFAULT_WEIGHTING}"
             records.append(record)
             continue
         # A reference has no budget: it appears in the table of every budget.
         for budget in budgets:
             records.append({**record, "budget": budget, "model": f"{spec.model} (reference)"})
-    report = write_report(records, report_dir, suite.name)
+    report = write_report(records, report_dir, suite.name, baseline=baseline)
     for path in report.files:
         client.log_artifact(parent_id, str(path), artifact_path="report")
     return report

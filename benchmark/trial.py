@@ -28,7 +28,7 @@ from benchmark.suite import TrialSpec
 from benchmark.tracking import PARENT_TAG, SUITE_TAG, TRIAL_HASH_TAG, RunLogger
 from datasets import DATASETS, MultiTaskData
 from datasets.base import make_loader
-from models import MODELS, count_parameters, fit_budget
+from models import MODELS, WEIGHTINGS, count_parameters, fit_budget
 from models.lightning import MultiTaskModule
 
 logger = logging.getLogger(__name__)
@@ -161,7 +161,10 @@ def run_trial(spec: TrialSpec, context: SweepContext) -> TrialResult:
 
 def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     started = time.perf_counter()
-    run_logger.log_config(spec.config())
+    config = spec.config()
+    run_logger.log_config(config)
+    if "weighting" not in config:
+        run_logger.log_params({"weighting.name": spec.weighting})
 
     data = load_dataset(spec)
     _log_data_info(run_logger, data)
@@ -176,8 +179,9 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     run_logger.log_params({"width": fit.width, **{f"fitted.{k}": v for k, v in fit.options.items()}})
 
     training = spec.training
+    weighting = WEIGHTINGS.build(spec.weighting, tasks=data.tasks, **spec.weighting_options)
     module = MultiTaskModule(
-        model, data.tasks, training["learning_rate"], training["weight_decay"]
+        model, data.tasks, training["learning_rate"], training["weight_decay"], weighting
     )
     best = BestEpoch(training["patience"])
     trainer = _trainer(training["max_epochs"], [best, EpochMetricsLogger(run_logger)])
@@ -209,7 +213,9 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
         **serving,
         **{f"selected/{name}": value for name, value in module.test_routing.items()},
         **_connection_gates(module.model),
-        "selected/val_selection_score": best.best_score if math.isfinite(best.best_score) else math.nan,
+        "selected/val_selection_score": (
+            best.best_score if math.isfinite(best.best_score) else math.nan
+        ),
         "param_count": parameters,
         "budget_error": (parameters - spec.budget) / spec.budget,
         "best_epoch": best.best_epoch,
@@ -303,6 +309,7 @@ def _run_tags(spec: TrialSpec, context: SweepContext) -> dict[str, str]:
     }
     if spec.kind == "model":
         tags["budget"] = str(spec.budget)
+        tags["weighting"] = spec.weighting
     if context.parent_run_id:
         tags[PARENT_TAG] = context.parent_run_id
     return tags

@@ -19,9 +19,11 @@ register_model = MODELS.register
 # Importing the model modules registers the built-in models.
 from models import cross_stitch, moe, ple, shared_bottom, snr  # noqa: E402
 from models.budget import count_parameters, fit_budget  # noqa: E402
+from models.weighting import WEIGHTINGS, register_weighting  # noqa: E402
 
 __all__ = [
     "MODELS",
+    "WEIGHTINGS",
     "MultiTaskModel",
     "count_parameters",
     "cross_stitch",
@@ -29,6 +31,7 @@ __all__ = [
     "moe",
     "ple",
     "register_model",
+    "register_weighting",
     "shared_bottom",
     "snr",
 ]

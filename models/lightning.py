@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional
 
 from datasets.base import Batch, TaskSpec
+from models.weighting import EqualWeighting, LossWeighting
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +92,14 @@ class MultiTaskModule(pl.LightningModule):
         tasks: The dataset's tasks, in the model's output order.
         learning_rate: Adam learning rate.
         weight_decay: Adam weight decay.
+        weighting: How the task losses become gradients (see :mod:`models.weighting`); None
+            sums them.
 
     Attributes:
         epoch_metrics: After each validation epoch, the training and validation metrics of that
-            epoch (train loss terms averaged over its batches), plus its routing diagnostics.
+            epoch (train loss terms averaged over its batches, ``train/loss`` their unweighted
+            sum), each task's loss weight at the end of the epoch as
+            ``train/<task>/loss_weight``, and the routing diagnostics.
         test_metrics: After a test run, the test metrics.
         test_routing: After a test run, the routing diagnostics of the tested weights, with the
             gate statistics measured on the test split.
@@ -112,6 +117,7 @@ class MultiTaskModule(pl.LightningModule):
         tasks: Sequence[TaskSpec],
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
+        weighting: LossWeighting | None = None,
     ) -> None:
         super().__init__()
         # Manual optimisation: one plain zero_grad, backward and step per batch. Lightning's
@@ -122,6 +128,7 @@ class MultiTaskModule(pl.LightningModule):
         self.tasks = tuple(tasks)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
+        self.weighting = weighting if weighting is not None else EqualWeighting(self.tasks)
         self.epoch_metrics: dict[str, float] = {}
         self.test_metrics: dict[str, float] = {}
         self.test_routing: dict[str, float] = {}
@@ -145,7 +152,6 @@ class MultiTaskModule(pl.LightningModule):
         regularization = getattr(self.model, "regularization_losses", dict)()
         terms.extend(regularization.values())
         terms = torch.stack(terms)  # (T + R,)
-        loss = terms.sum()
 
         # One running sum on the device, detached, read once per epoch: per-step logging would
         # cost more than a small model's step.
@@ -158,8 +164,9 @@ class MultiTaskModule(pl.LightningModule):
 
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        self.manual_backward(loss)
+        loss = self.weighting.backward(terms, self.model, self.manual_backward)
         optimizer.step()
+        self.weighting.after_step()
         return loss
 
     def validation_step(self, batch: Batch, batch_index: int) -> None:
@@ -174,11 +181,35 @@ class MultiTaskModule(pl.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._reset_collected()
 
+    def on_fit_start(self) -> None:
+        self.weighting.check_model(self.model)
+        if not self.weighting.per_task_gradients:
+            return
+        name = type(self.weighting).__name__
+        if self.trainer.world_size > 1:
+            raise RuntimeError(
+                f"Loss weighting `{name}` takes one gradient per task with "
+                f"`torch.autograd.grad`, which bypasses the gradient synchronisation of "
+                f"distributed data parallel, so it cannot train on {self.trainer.world_size} "
+                f"processes. Train on one device (`devices=1`), or use a weighting that needs "
+                f"one backward pass: equal, fixed or uncertainty."
+            )
+        # NOTE: reached on a GPU only, because Lightning 2.6 turns '16-mixed' into
+        # 'bf16-mixed' on the CPU, so no test covers this branch.
+        if self.trainer.precision == "16-mixed":
+            raise RuntimeError(
+                f"Loss weighting `{name}` takes one gradient per task, which the loss scaling "
+                f"of precision '16-mixed' does not cover. Train with `precision='32-true'` or "
+                f"`'bf16-mixed'`, or use equal, fixed or uncertainty."
+            )
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         metrics = self._train_totals.means("train")
         self._train_totals = _RunningTotals()
+        if metrics:
+            metrics.update(self._loss_weights())
 
         routing = self._routing()  # before _split_metrics, which resets the gate statistics
         metrics.update(self._split_metrics("val"))
@@ -190,12 +221,26 @@ class MultiTaskModule(pl.LightningModule):
         self.test_metrics = self._split_metrics("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [{"params": list(self.model.parameters())}]
+        weighting_parameters = self.weighting.optimizer_parameters()
+        if weighting_parameters:
+            # Weight decay would pull the weighting's parameters towards 0, a prior that none of
+            # the weightings' losses contains.
+            groups.append({"params": weighting_parameters, "weight_decay": 0.0})
         # foreach=True updates all parameters in a few vectorised calls instead of a loop of
         # small ones, which dominates a small model's step on the CPU.
         return torch.optim.Adam(
-            self.model.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay,
-            foreach=True,
+            groups, lr=self.learning_rate, weight_decay=self.weight_decay, foreach=True
         )
+
+    def _loss_weights(self) -> dict[str, float]:
+        weights = self.weighting.weights()
+        if weights is None:
+            return {}
+        return {
+            f"train/{task.name}/loss_weight": float(weight)
+            for task, weight in zip(self.tasks, weights.tolist())
+        }
 
     def _collect(self, batch: Batch) -> None:
         features, targets, _ = batch

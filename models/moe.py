@@ -66,6 +66,16 @@ class MixtureOfExperts(MultiTaskModel):
         mixed = torch.einsum("bte,bed->btd", weights, experts)  # (B, T, D)
         return [tower(mixed[:, task]) for task, tower in enumerate(self.towers)]
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        # MMoE's gates each serve one task; OMoE's single gate serves all of them.
+        shared = list(self.experts.parameters())
+        if len(self.gates) == 1 and self.num_tasks > 1:
+            shared += list(self.gates.parameters())
+        return shared
+
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        return [self.experts.weights[-1]]  # (E, D_in, D): the last layer of every expert
+
 
 @register_model("mmoe", fine_knob="tower_hidden")
 def mmoe(

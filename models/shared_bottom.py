@@ -52,6 +52,10 @@ class SharedBottom(MultiTaskModel):
         shared = self.bottom(x)  # (B, D)
         return [tower(shared) for tower in self.towers]
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        linears = [layer for layer in self.bottom if isinstance(layer, nn.Linear)]
+        return [linears[-1].weight]
+
 
 @register_model("single_task", fine_knob="tower_hidden")
 class SingleTask(MultiTaskModel):
@@ -82,6 +86,9 @@ class SingleTask(MultiTaskModel):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         return [network(x)[0] for network in self.networks]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return []  # every parameter belongs to one task's network
 
 
 def _check_positive(**values: int) -> None:

@@ -163,6 +163,15 @@ class SNR(MultiTaskModel):
         tower_inputs = self.task_routing(hidden)  # (B, T, D)
         return [tower(tower_inputs[:, task]) for task, tower in enumerate(self.towers)]
 
+    def last_shared_parameters(self) -> list[nn.Parameter]:
+        # SNR-Trans: the matrices that route to the towers. SNR-Aver routes with gates only, so
+        # its last weights are those of the top layer of sub-networks.
+        if self.task_routing.weight is not None:
+            return [self.task_routing.weight]
+        if len(self.layers):
+            return [self.layers[-1].weight]
+        return [self.first_layer.weights[-1]]
+
     def expected_l0(self) -> Tensor:
         """Return the expected number of open connections over all gates."""
         return sum(gate.expected_l0() for gate in self.gates())

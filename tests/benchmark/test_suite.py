@@ -1,7 +1,11 @@
 """Suite files: loading, quick overrides, the trial plan and every documented error."""
 
+import hashlib
+import json
+
 import pytest
 
+from benchmark.run import main
 from benchmark.suite import SuiteError, builtin_suites, load_suite, plan_trials
 
 from .conftest import write_suite
@@ -162,6 +166,86 @@ def test_model_grid_errors_named(tmp_path, extra, message):
         load_suite(str(path))
 
 
+def add_weightings(path, names):
+    """Put a top-level `weightings` key into a suite file written by `write_suite`."""
+    text = path.read_text().replace("seeds = ", f"weightings = {list(names)!r}\nseeds = ", 1)
+    path.write_text(text)
+    return path
+
+
+def test_default_weighting_keeps_trial_hash(tmp_path):
+    path = write_suite(tmp_path, models=("mmoe",), seeds=(0,), correlations=(0.5,))
+    # The configuration that identified this trial before loss weightings existed.
+    config = {
+        "dataset": {"name": "synthetic", "params": {
+            "input_dim": 10, "n_train": 200, "n_val": 60, "n_test": 60, "num_sines": 2,
+            "correlation": 0.5,
+        }},
+        "model": {"name": "mmoe", "options": {}},
+        "budget": 3000,
+        "seed": 0,
+        "training": {"max_epochs": 2, "batch_size": 64, "eval_batch_size": 4096,
+                     "learning_rate": 0.001, "weight_decay": 0.0, "patience": None,
+                     "loader_workers": 0},
+    }
+    expected = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+    (implicit,) = plan_trials(load_suite(str(path)))
+    (explicit,) = plan_trials(load_suite(str(add_weightings(path, ["equal"]))))
+    assert implicit.trial_hash == expected
+    assert explicit.trial_hash == expected
+    assert "weighting" not in explicit.config()
+
+
+def test_weightings_crossed_with_models(tmp_path):
+    path = add_weightings(write_suite(tmp_path), ["equal", "gradnorm"])
+    path.write_text(path.read_text() + "\n[weighting_options.gradnorm]\nalpha = 0.5\n")
+    trials = plan_trials(load_suite(str(path)))
+
+    assert len(trials) == 2 * 2 * 2 * 2  # models x weightings x seeds x correlations
+    gradnorm = [t for t in trials if t.weighting == "gradnorm"]
+    assert len(gradnorm) == 8
+    assert all(t.weighting_options == {"alpha": 0.5} for t in gradnorm)
+    assert gradnorm[0].config()["weighting"] == {"name": "gradnorm", "options": {"alpha": 0.5}}
+    assert {t.name.split()[0] for t in trials} == {
+        "shared_bottom", "shared_bottom+gradnorm", "mmoe", "mmoe+gradnorm"
+    }
+    assert len({t.trial_hash for t in trials}) == len(trials)
+
+
+def test_builtin_weighting_suite_plan():
+    suite = load_suite("weighting")
+    assert {"equal", "uncertainty", "gradnorm", "pcgrad"} <= set(suite.weightings)
+    assert {"shared_bottom", "mmoe"} <= set(suite.models)
+    assert [dataset.name for dataset in suite.datasets] == ["synthetic", "census"]
+    assert suite.datasets[0].grid["correlation"] == [0.5, 0.9]
+    trials = plan_trials(suite)
+    per_dataset = len(suite.models) * len(suite.weightings) * len(suite.seeds)
+    assert len(trials) == per_dataset * (2 + 2)
+
+    quick = plan_trials(load_suite("weighting", quick=True))
+    assert len(quick) == len(suite.models) * len(suite.weightings) * 2
+    assert {t.dataset for t in quick} == {"synthetic", "census"}
+
+
+@pytest.mark.parametrize("weightings, extra, message", [
+    (["equal", "gradnrom"], "",
+     r"`weightings\[1\]`: Unknown weighting 'gradnrom'. Did you mean 'gradnorm'\?"),
+    (["equal", "equal"], "", r"`weightings`: .*repeat a name"),
+    (["equal"], "[weighting_options.pcgrad]\nseed = 1\n",
+     r"`weighting_options.pcgrad` names a weighting that is not in `weightings` \(equal\)"),
+    (["gradnorm"], "[weighting_options.gradnorm]\nalpah = 1.0\n",
+     r"`weighting_options.gradnorm.alpah` is not a parameter of `GradNorm`. Known parameters: "
+     r"alpha, learning_rate, min_weight"),
+    (["fixed"], "[weighting_options.fixed]\ntasks = ['a']\n",
+     r"`weighting_options.fixed.tasks` is set by the harness"),
+])
+def test_invalid_weightings_named(tmp_path, weightings, extra, message):
+    path = add_weightings(write_suite(tmp_path, extra=extra), weightings)
+    with pytest.raises(SuiteError, match=message):
+        load_suite(str(path))
+
+
 def test_builtin_budget_suite_spans_sixteenfold():
     suite = load_suite("budget")
     budgets = sorted(suite.budgets)
@@ -175,3 +259,26 @@ def test_builtin_budget_suite_spans_sixteenfold():
     )
     quick = plan_trials(load_suite("budget", quick=True))
     assert len({t.budget for t in quick}) >= 2
+
+
+def test_weighting_option_errors_name_flag(tmp_path, suite_file, capsys):
+    code = main(["--suite", str(suite_file), "--weighting", "equal,pcgard", "--dry-run"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert ("`weightings[1]` (from --weighting): Unknown weighting 'pcgard'. "
+            "Did you mean 'pcgrad'?") in error
+    assert "Available: equal, fixed, gradnorm, pcgrad, uncertainty" in error
+
+
+def test_weighting_flag_replaces_suite_list(suite_file, capsys):
+    assert main(["--suite", str(suite_file), "--weighting", "pcgrad", "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.startswith("8 trials:")
+    assert plan.count("+pcgrad ") == 8
+
+
+def test_empty_weighting_flag_rejected(suite_file, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--suite", str(suite_file), "--weighting", ",", "--dry-run"])
+    assert exit_info.value.code == 2
+    assert "expected a comma-separated list, got ','" in capsys.readouterr().err

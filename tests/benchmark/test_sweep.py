@@ -278,3 +278,49 @@ def test_routing_diagnostics_logged_with_documented_names(tmp_path):
     open_share = sum(g > 0 for g in gates) / len(gates)
     assert open_share == pytest.approx(snr.data.metrics["selected/routing/to_tasks/open_fraction"])
 
+
+def test_weighting_sweep_logs_weights_and_labels(tmp_path):
+    suite = write_suite(tmp_path, models=("shared_bottom",), seeds=(0,), correlations=(0.5,))
+    results = tmp_path / "results"
+    assert run(suite, results, "--weighting", "equal,gradnorm") == 0
+
+    client, _, children = store_runs(results)
+    by_weighting = {child.data.tags["weighting"]: child for child in children}
+    assert set(by_weighting) == {"equal", "gradnorm"}
+    for name, child in by_weighting.items():
+        assert child.info.status == "FINISHED"
+        assert child.data.params["weighting.name"] == name
+        history = client.get_metric_history(child.info.run_id, "train/task1/loss_weight")
+        assert [m.step for m in history] == [0, 1]
+    equal_history = client.get_metric_history(
+        by_weighting["equal"].info.run_id, "train/task2/loss_weight"
+    )
+    assert [m.value for m in equal_history] == [1.0, 1.0]
+    gradnorm = by_weighting["gradnorm"].data.metrics
+    assert gradnorm["train/task1/loss_weight"] + gradnorm["train/task2/loss_weight"] == (
+        pytest.approx(2.0)
+    )
+    config = json.loads(open(client.download_artifacts(
+        by_weighting["gradnorm"].info.run_id, "config.json")).read())
+    assert config["weighting"] == {"name": "gradnorm", "options": {}}
+
+    with open(results / "tiny" / "summary.csv") as handle:
+        models = {row["model"] for row in csv.DictReader(handle)}
+    assert models == {"shared_bottom+equal", "shared_bottom+gradnorm"}
+    assert "| shared_bottom+gradnorm |" in (results / "tiny" / "summary.md").read_text()
+
+
+def test_invalid_weighting_option_stops_before_any_run(tmp_path, capsys):
+    options = "\n[weighting_options.fixed]\nweights = { task1 = 1.0, clicks = 2.0 }\n"
+    suite = write_suite(tmp_path, models=("mmoe",), seeds=(0,), correlations=(0.5,), extra=options)
+    results = tmp_path / "results"
+
+    assert run(suite, results, "--weighting", "fixed") == 2
+
+    error = capsys.readouterr().err
+    assert ("Loss weighting 'fixed' with options {'weights': {'task1': 1.0, 'clicks': 2.0}} "
+            "cannot train on dataset 'synthetic' (correlation=0.5), so no trial was run") in error
+    assert "unknown task(s) ['clicks']; the tasks are ['task1', 'task2']" in error
+    _, parents, children = store_runs(results)
+    assert parents == []
+    assert children == []
