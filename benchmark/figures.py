@@ -55,8 +55,9 @@ def plot_against_size(
     """Plot each task metric against model size: one line and 95 % band per model.
 
     One figure per dataset and grid point, written when the sweep has two or more budgets. Its
-    rows are the task metrics; its columns put the mean trainable parameter count, then the
-    mean parameter count at serving time (SNR without its closed connections) on a log x axis.
+    rows are the task metrics. The first column puts the mean trainable parameter count on a log
+    x axis, the second the mean parameter count at serving time (SNR without its closed
+    connections).
     The y axis spans the means, so a band much wider than the spread of the means is cut at
     the axes. With ``difference_to``, ``summary`` holds paired differences to that model and
     the figures get a line at 0.

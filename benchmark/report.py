@@ -133,22 +133,20 @@ def format_tables(summary: pl.DataFrame, difference_to: str | None = None) -> st
     return "\n\n".join(blocks)
 
 
-def _filled_columns(frame: pl.DataFrame, columns: list[str]) -> list[str]:
-    # In a suite with several datasets, each dataset's rows leave the other grids' columns null.
-    return [c for c in columns if frame[c].null_count() < frame.height]
-
-
 def _grid_label(grid_columns: list[str]) -> pl.Expr:
     if not grid_columns:
         return pl.lit("all")
     parts = [pl.format(f"{c[len('grid.'):]}={{}}", pl.col(c).cast(pl.String)) for c in grid_columns]
-    # A dataset's rows leave the grid columns of other datasets null; those parts are skipped.
+    # A dataset's rows leave the grid columns of other datasets null, so those parts are skipped.
     return pl.concat_str(parts, separator=" ", ignore_nulls=True)
 
 
 def _cell(mean: float, half_width: float | None, sign: float | None = None) -> str:
-    """Format mean ± CI; for a difference (``sign`` +1 when higher is better, -1 when lower
-    is), mark an interval that excludes 0 as ``(helps)`` or ``(hurts)``."""
+    """Format mean ± CI, and mark a difference whose interval excludes 0.
+
+    For a difference, ``sign`` is +1 when higher is better and -1 when lower is better. The
+    mark is ``(helps)`` or ``(hurts)``.
+    """
     if half_width is None or math.isnan(half_width):
         return f"{mean:.4f}"
     text = f"{mean:.4f} ± {half_width:.4f}"
