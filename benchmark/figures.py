@@ -81,7 +81,7 @@ def plot_against_size(
         for row, metric in zip(axes, metrics):
             values = group.filter(pl.col("metric") == metric)
             for axis, size in zip(row, sizes):
-                _lines_with_bands(axis, values, size)
+                _lines_with_bands(axis, values, size, clip=difference_to is None)
                 _size_axis(axis, budgets, SIZE_AXES[size])
                 _fit_to_means(axis, values["mean"].to_numpy(), zero=difference_to is not None)
                 axis.set_ylabel(metric if difference_to is None else f"{metric} - {difference_to}")
@@ -229,13 +229,46 @@ def filled_columns(frame: pl.DataFrame, columns: list[str]) -> list[str]:
     return [c for c in columns if frame[c].null_count() < frame.height]
 
 
-def _lines_with_bands(axis, summary: pl.DataFrame, x_column: str) -> None:
+def _lines_with_bands(axis, summary: pl.DataFrame, x_column: str, clip: bool = True) -> None:
+    """Draw one line per model with its 95 % band, each model in its own colour.
+
+    With ``clip``, bands stop at the range a metric can take (0 for an error, 0 and 1 for a
+    score), because a t interval over few seeds can reach past it.
+    """
+    metric = summary["metric"][0] if summary.height else ""
+    low_limit, high_limit = _metric_range(metric) if clip else (-np.inf, np.inf)
     for (model,), group in summary.group_by(["model"], maintain_order=True):
         group = group.sort(x_column)
         x, mean = group[x_column].to_numpy(), group["mean"].to_numpy()
-        line = axis.plot(x, mean, marker="o", label=model)[0]
-        low, high = group["ci95_low"].to_numpy(), group["ci95_high"].to_numpy()
+        line = axis.plot(x, mean, marker="o", label=model, color=model_color(model))[0]
+        low = np.clip(group["ci95_low"].to_numpy(), low_limit, high_limit)
+        high = np.clip(group["ci95_high"].to_numpy(), low_limit, high_limit)
         axis.fill_between(x, low, high, color=line.get_color(), alpha=0.1, linewidth=0)
+
+
+def model_color(model: str) -> str:
+    """Return a model's colour, the same in every figure whatever else the figure shows.
+
+    Built-in models get fixed colours; other labels (weightings, grid variants, plugins) get
+    one derived from their name.
+    """
+    builtin = ["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "cross_stitch",
+               "snr_trans", "snr_aver"]
+    palette = [f"tab:{name}" for name in ("gray", "brown", "orange", "blue", "cyan", "purple",
+                                          "olive", "red", "green")]
+    if model in builtin:
+        return palette[builtin.index(model)]
+    digest = sum((index + 1) * ord(char) for index, char in enumerate(model))
+    return f"C{digest % 10}"
+
+
+def _metric_range(metric: str) -> tuple[float, float]:
+    name = metric.rsplit("/", 1)[-1]
+    if name in ("mse", "loss"):
+        return 0.0, np.inf
+    if name in ("auc", "hit_at_1", "perr", "gap_at_20", "map"):
+        return 0.0, 1.0
+    return -np.inf, np.inf
 
 
 def _point_label(dataset: str, grid_columns: list[str], values) -> str:

@@ -201,8 +201,16 @@ def _ray_connection(ray: Any, address: str | None) -> Iterator[None]:
             include_dashboard=False if local else None,
         )
     except Exception as error:
-        action = "start a local Ray instance" if local else f"connect to Ray at {address!r}"
-        raise RaySetupError(f"Could not {action}: {type(error).__name__}: {error}") from error
+        if local:
+            raise RaySetupError(
+                f"Could not start a local Ray instance: {type(error).__name__}: {error}"
+            ) from error
+        raise RaySetupError(
+            f"Could not connect to Ray at --ray-address {address!r}: {type(error).__name__}: "
+            f"{error} Start the cluster's head node with `ray start --head` (`auto` finds one "
+            f"started on this machine), pass its HOST:PORT, or omit --ray-address to run on a "
+            f"local Ray instance."
+        ) from error
     try:
         yield
     finally:

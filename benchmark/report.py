@@ -180,7 +180,7 @@ def format_transfer(verdicts: pl.DataFrame, baseline: str) -> str:
     counts = {v: verdicts.filter(pl.col("verdict") == v).height for v in ("helps", "hurts", "unclear")}
     summary = (f"Against {baseline} at the same budget, paired by seed: {counts['helps']} "
                f"comparisons help, {counts['hurts']} hurt, {counts['unclear']} are unclear "
-               f"(95 % interval includes 0).")
+               f"(the 95 % interval includes 0, or a single seed gives no interval).")
     if hurts.is_empty():
         return f"{summary} No model is significantly worse than {baseline} anywhere."
     table = hurts.with_columns(

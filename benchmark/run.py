@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_to_pipe(print_all) -> int:
+    """Run a printing function whose reader may stop early, as `| head` does."""
+    try:
+        print_all()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the closed pipe again when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -105,16 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         load_plugins(args.plugin)
         if args.list:
-            _print_listing()
-            return EXIT_OK
+            return _print_to_pipe(_print_listing)
         suite = load_suite(args.suite, quick=args.quick, overrides=_overrides(args))
     except (SuiteError, PluginError) as error:
         return _usage_error(str(error))
 
     trials = plan_trials(suite)
     if args.dry_run:
-        _print_plan(trials)
-        return EXIT_OK
+        return _print_to_pipe(lambda: _print_plan(trials))
 
     from benchmark.sweep import SweepError, run_sweep
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -109,6 +110,9 @@ def run_sweep(
         _check_ray(executor_options, tracking_uri)
     if is_http(tracking_uri):
         bound_http_requests()
+        # MLflow prints a link per run to stdout when the store is a server, hundreds of lines
+        # in a sweep; the sweep prints the store's address once instead.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     client, experiment_id = _open_store(tracking_uri, experiment_name(suite))
     results_dir.mkdir(parents=True, exist_ok=True)
     _announce_store(tracking_uri, experiment_name(suite))
@@ -157,7 +161,12 @@ def _sweep(
     try:
         _execute(to_run, context, workers, plugins, outcome, executor_options)
     except SweepError:
-        raise  # The store is unreachable, so the runs cannot be marked.
+        # Ray could not start, or the tracking server went away. In the first case the store
+        # still answers and the parent run is marked; in the second nothing can be marked.
+        if not _server_problem(tracking_uri):
+            _end_running_children(client, experiment_id, parent_id)
+            client.set_terminated(parent_id, "FAILED")
+        raise
     except BaseException:
         _end_running_children(client, experiment_id, parent_id)
         client.set_terminated(parent_id, "KILLED")

@@ -88,8 +88,10 @@ class Registry(Generic[F]):
             return self._entries[name]
         except KeyError:
             available = sorted(self._entries)
-            close = difflib.get_close_matches(str(name), available, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            # Compared in lower case, so that `MMoE` still suggests `mmoe`.
+            lowered = {entry.lower(): entry for entry in available}
+            close = difflib.get_close_matches(str(name).lower(), list(lowered), n=1)
+            hint = f" Did you mean {lowered[close[0]]!r}?" if close else ""
             raise KeyError(
                 f"Unknown {self.kind} {name!r}.{hint} Available: {', '.join(available) or 'none'}. "
                 f"Register a new one with `@register_{self.kind}({name!r})`, or load a module that "

@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -282,3 +284,18 @@ def test_empty_weighting_flag_rejected(suite_file, capsys):
         main(["--suite", str(suite_file), "--weighting", ",", "--dry-run"])
     assert exit_info.value.code == 2
     assert "expected a comma-separated list, got ','" in capsys.readouterr().err
+
+
+def test_plan_piped_into_head_ends_quietly():
+    # `head` closes the pipe after one line. With 100 seeds the plan is far larger than a pipe's
+    # buffer, so the rest of it is written into the closed pipe.
+    seeds = ",".join(str(seed) for seed in range(100))
+    command = (f"{sys.executable} -m benchmark.run --suite budget --seeds {seeds} --dry-run "
+               f"| head -n 1")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True,
+                            text=True, timeout=120)
+    planned = len(plan_trials(load_suite("budget", overrides={"seeds": list(range(100))})))
+    assert result.stdout == f"{planned} trials:\n"
+    assert result.returncode == 0
+    assert "Traceback" not in result.stderr
+    assert "BrokenPipeError" not in result.stderr

@@ -220,3 +220,24 @@ def test_server_stopping_mid_sweep_then_resume(tmp_path, tracking_server, monkey
     for trial_hash, run in finished.items():
         same_trial = [c for c in finished_after if c.data.tags["trial_hash"] == trial_hash]
         assert [c.info.run_id for c in same_trial] == [run.info.run_id]
+
+
+@pytest.mark.slow
+def test_ray_cluster_missing_marks_parent_failed(tmp_path, tracking_server, suite_file, capsys):
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("this process is already connected to Ray, so `auto` would find it")
+
+    code = main(["--suite", str(suite_file), "--results-dir", str(tmp_path / "results"),
+                 "--executor", "ray", "--ray-address", "auto",
+                 "--tracking-uri", tracking_server.url])
+
+    error = capsys.readouterr().err
+    if code == 0:
+        pytest.skip("a Ray cluster runs on this machine, so `auto` connected to it")
+    assert code == 2
+    assert "Could not connect to Ray at --ray-address 'auto'" in error
+    assert "ray start --head" in error
+    _, parents, children = sweep_runs(MlflowClient(tracking_server.url), "tiny")
+    assert [parent.info.status for parent in parents] == ["FAILED"]
+    assert children == []

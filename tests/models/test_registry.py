@@ -75,3 +75,8 @@ def test_entry_point_group_loaded_on_lookup(tmp_path, monkeypatch):
     import tests_entry_registry
 
     assert tests_entry_registry.REGISTRY.build("from_entry_point") == "loaded"
+
+
+def test_unknown_name_suggestion_ignores_case():
+    with pytest.raises(KeyError, match="Unknown model 'MMoE'. Did you mean 'mmoe'?"):
+        MODELS.get("MMoE")
