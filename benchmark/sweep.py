@@ -403,7 +403,10 @@ def _report(
             records.append({**record, "budget": budget, "model": f"{spec.model} (reference)"})
     report = write_report(records, report_dir, suite.name, baseline=baseline)
     for path in report.files:
-        client.log_artifact(parent_id, str(path), artifact_path="report")
+        # Files in subfolders of the report (the heat maps in routing/) keep their folder.
+        folder = path.parent.relative_to(report_dir).as_posix()
+        artifact_path = "report" if folder == "." else f"report/{folder}"
+        client.log_artifact(parent_id, str(path), artifact_path=artifact_path)
     return report
 
 

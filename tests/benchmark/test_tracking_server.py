@@ -131,10 +131,15 @@ def test_quick_suite_logged_through_server(tmp_path, tracking_server):
 
     # The report artifacts, downloaded through the server, equal the files in the results folder.
     report_dir = results / "correlation-quick"
-    local = sorted(path.name for path in report_dir.iterdir())
+    local = sorted(p.relative_to(report_dir).as_posix() for p in report_dir.rglob("*")
+                   if p.is_file())
     assert "summary.csv" in local
+    assert "routing/mmoe.png" in local
     listed = sorted(a.path for a in client.list_artifacts(parent.info.run_id, "report"))
-    assert listed == [f"report/{name}" for name in local]
+    listed += sorted(a.path for a in client.list_artifacts(parent.info.run_id, "report/routing"))
+    assert sorted(listed) == sorted(
+        [f"report/{name}" for name in local] + ["report/routing"]
+    )
     downloaded = tmp_path / "downloads" / "parent"
     client.download_artifacts(parent.info.run_id, "report", str(downloaded))
     match, mismatch, errors = filecmp.cmpfiles(report_dir, downloaded / "report", local,
