@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import torch
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
@@ -32,8 +33,9 @@ from benchmark.tracking import (
     is_local_sqlite,
 )
 from benchmark.trial import SweepContext, TrialResult, load_dataset
-from models import WEIGHTINGS
-from models.weighting import DEFAULT_WEIGHTING
+from datasets import MultiTaskData
+from models import MODELS, WEIGHTINGS, fit_budget
+from models.weighting import DEFAULT_WEIGHTING, LossWeighting
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class SweepError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExecutorOptions:
-    """Where the trials run: ``local`` or ``ray``, and for Ray the cluster and CPUs per trial."""
+    """The executor of a sweep: ``local`` or ``ray``, and for Ray the cluster and CPUs per trial."""
 
     name: str = "local"
     ray_address: str | None = None  # None: a local Ray instance
@@ -110,8 +112,8 @@ def run_sweep(
         _check_ray(executor_options, tracking_uri)
     if is_http(tracking_uri):
         bound_http_requests()
-        # MLflow prints a link per run to stdout when the store is a server, hundreds of lines
-        # in a sweep; the sweep prints the store's address once instead.
+        # With a server as the store, MLflow prints a link to stdout for every run, hundreds of
+        # lines in a sweep. The sweep prints the store's address once instead.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     client, experiment_id = _open_store(tracking_uri, experiment_name(suite))
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,7 @@ def _sweep(
         _execute(to_run, context, workers, plugins, outcome, executor_options)
     except SweepError:
         # Ray could not start, or the tracking server went away. In the first case the store
-        # still answers and the parent run is marked; in the second nothing can be marked.
+        # still responds, so the parent run is marked FAILED. In the second nothing can be marked.
         if not _server_problem(tracking_uri):
             _end_running_children(client, experiment_id, parent_id)
             client.set_terminated(parent_id, "FAILED")
@@ -187,37 +189,58 @@ def _preflight_datasets(trials: Sequence[TrialSpec]) -> None:
 
     Loading also fills the adapters' on-disk caches, so the trials do not parse the data again.
     Each loss weighting is built once on each dataset's tasks too, because its options can
-    depend on them (fixed weights name the tasks).
+    depend on them (fixed weights name the tasks). Each model is sized to each budget on the
+    meta device, without memory for its weights, so a budget it cannot reach, or a weighting it
+    cannot train with, stops the sweep here as well.
     """
-    tasks_by_setting: dict[tuple[str, str], Sequence[Any]] = {}
-    weightings_built = set()
+    data_by_setting: dict[tuple[str, str], MultiTaskData] = {}
+    checked = set()
     for spec in trials:
         key = (spec.dataset, dump_json({**spec.dataset_params, **spec.grid_point}))
         point = ", ".join(f"{k}={v}" for k, v in spec.grid_point.items()) or "no grid"
-        if key not in tasks_by_setting:
+        if key not in data_by_setting:
             try:
-                tasks_by_setting[key] = load_dataset(spec).tasks
+                data_by_setting[key] = load_dataset(spec)
             except Exception as error:
                 raise SweepError(
                     f"Dataset {spec.dataset!r} ({point}) could not be loaded, so no trial was "
                     f"run: {type(error).__name__}: {error}"
                 ) from error
 
-        weighting_key = (*key, spec.weighting, dump_json(spec.weighting_options))
-        if spec.kind == "model" and weighting_key not in weightings_built:
-            weightings_built.add(weighting_key)
-            _preflight_weighting(spec, tasks_by_setting[key], point)
+        model_key = (*key, spec.model, dump_json(spec.model_options), spec.budget,
+                     spec.weighting, dump_json(spec.weighting_options))
+        if spec.kind == "model" and model_key not in checked:
+            checked.add(model_key)
+            weighting = _preflight_weighting(spec, data_by_setting[key].tasks, point)
+            _preflight_model(spec, data_by_setting[key], weighting, point)
 
 
-def _preflight_weighting(spec: TrialSpec, tasks: Sequence[Any], point: str) -> None:
+def _preflight_weighting(spec: TrialSpec, tasks: Sequence[Any], point: str) -> LossWeighting:
     try:
-        WEIGHTINGS.build(spec.weighting, tasks=tasks, **spec.weighting_options)
+        return WEIGHTINGS.build(spec.weighting, tasks=tasks, **spec.weighting_options)
     except Exception as error:
         raise SweepError(
             f"Loss weighting {spec.weighting!r} with options {spec.weighting_options!r} cannot "
             f"train on dataset {spec.dataset!r} ({point}), so no trial was run: "
             f"{type(error).__name__}: {error} Fix `weighting_options.{spec.weighting}` in the "
             f"suite."
+        ) from error
+
+
+def _preflight_model(
+    spec: TrialSpec, data: MultiTaskData, weighting: LossWeighting, point: str
+) -> None:
+    entry = MODELS.get(spec.model)
+    try:
+        fit = fit_budget(entry, spec.budget, data.input_dim, data.task_dims, spec.model_options)
+        with torch.device("meta"):
+            model = entry.factory(input_dim=data.input_dim, task_dims=data.task_dims,
+                                  width=fit.width, **fit.options)
+        weighting.check_model(model)
+    except ValueError as error:
+        raise SweepError(
+            f"{spec.label} at a budget of {spec.budget:,} parameters cannot train on dataset "
+            f"{spec.dataset!r} ({point}), so no trial was run: {error}"
         ) from error
 
 

@@ -324,3 +324,21 @@ def test_invalid_weighting_option_stops_before_any_run(tmp_path, capsys):
     _, parents, children = store_runs(results)
     assert parents == []
     assert children == []
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--budgets", "10"), "shared_bottom at a budget of 10 parameters cannot train on dataset "
+                          "'synthetic' (correlation=0.5), so no trial was run: Cannot size model"),
+    (("--models", "single_task", "--weighting", "gradnorm"),
+     "single_task+gradnorm at a budget of 3,000 parameters cannot train on dataset 'synthetic' "
+     "(correlation=0.5), so no trial was run: GradNorm needs the weights of a shared layer"),
+])
+def test_untrainable_model_stops_before_any_run(tmp_path, suite_file, capsys, extra, message):
+    results = tmp_path / "results"
+
+    assert run(suite_file, results, *extra) == 2
+
+    assert message in capsys.readouterr().err
+    _, parents, children = store_runs(results)
+    assert parents == []
+    assert children == []
