@@ -59,8 +59,8 @@ def plot_against_size(
     x axis, the second the mean parameter count at serving time (SNR without its closed
     connections).
     The y axis spans the means, so a band much wider than the spread of the means is cut at
-    the axes. With ``difference_to``, ``summary`` holds paired differences to that model and
-    the figures get a line at 0.
+    the axes. With ``difference_to``, ``summary`` contains paired differences to that model,
+    and the figures get a line at 0.
     """
     sizes = [c for c in SIZE_AXES if c in trials.columns]
     if "param_count" not in sizes or trials["budget"].n_unique() < 2:
@@ -249,8 +249,8 @@ def _lines_with_bands(axis, summary: pl.DataFrame, x_column: str, clip: bool = T
 def model_color(model: str) -> str:
     """Return a model's colour, the same in every figure whatever else the figure shows.
 
-    Built-in models get fixed colours; other labels (weightings, grid variants, plugins) get
-    one derived from their name.
+    Built-in models get fixed colours. Other labels (weightings, grid variants, plugins) get
+    one derived from their name, which may repeat a colour.
     """
     builtin = ["single_task", "shared_bottom", "omoe", "mmoe", "cgc", "ple", "cross_stitch",
                "snr_trans", "snr_aver"]

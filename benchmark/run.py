@@ -15,7 +15,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from benchmark.plugins import PluginError, load_plugins
 from benchmark.suite import SuiteError, TrialSpec, builtin_suites, load_suite, plan_trials
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_to_pipe(print_all) -> int:
+def _print_to_pipe(print_all: Callable[[], None]) -> int:
     """Run a printing function whose reader may stop early, as `| head` does."""
     try:
         print_all()

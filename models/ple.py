@@ -7,10 +7,10 @@ Tang, Liu, Zhao and Gong, "Progressive Layered Extraction (PLE): A Novel Multi-T
 An extraction layer contains S shared experts and K task-specific experts per task, E = S + T K
 experts in all, ordered [shared experts, task 0's experts, task 1's experts, ...]. Each task's
 softmax gate, a linear map of that task's input, mixes the shared experts and the task's own
-experts only. CGC is one such layer under the task towers. PLE stacks several: every layer but
-the last also has a shared gate over all E experts, whose output is the next layer's input to
-its shared experts and shared gate, while task t's output is the next layer's input to task t's
-experts and gate. The first layer gives the raw features to every branch.
+experts only. CGC is one such layer under the task towers. PLE stacks several. Every layer but
+the last also has a shared gate over all E experts, and its output feeds the next layer's
+shared experts and shared gate. Task t's output feeds task t's experts and gate in the next
+layer. The first layer gives the raw features to every branch.
 
 Dimension key: B batch, F input features, T tasks, S shared experts, K experts per task,
 E experts of one layer (S + T K), D hidden units, O outputs of one task head.

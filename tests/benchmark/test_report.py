@@ -24,8 +24,8 @@ def record(model, seed, mse, auc, budget=1000, correlation=0.5, **metrics):
 
 
 def toy_records():
-    # Baseline mse 1.0, 1.2, 1.4; the shared model is worse by 0.1, 0.2, 0.3 on every seed,
-    # and its AUC differs from the baseline by +0.01, -0.01, +0.03 (an interval around 0).
+    # Baseline mse 1.0, 1.2, 1.4. The shared model is worse by 0.1, 0.2, 0.3 on the seeds, and
+    # its AUC differs from the baseline by +0.01, -0.01, +0.03 (an interval around 0).
     baseline = [record("single_task", s, m, 0.7) for s, m in enumerate((1.0, 1.2, 1.4))]
     shared = [record("shared", s, m, 0.7 + d)
               for s, (m, d) in enumerate(((1.1, 0.01), (1.4, -0.01), (1.7, 0.03)))]
@@ -92,7 +92,8 @@ def test_best_seed_chosen_by_validation_score(tmp_path):
     gates = {"selected/routing/a/expert_0": 1.0, "selected/routing/a/expert_1": 0.0}
     records = [
         record("moe", 0, 1.0, 0.7, **gates, **{score: 0.1}),
-        record("moe", 1, 1.0, 0.7, **gates, **{score: 0.5}),  # best, though its test is not
+        # Seed 1 has the highest validation score, though seed 2 has the better test error.
+        record("moe", 1, 1.0, 0.7, **gates, **{score: 0.5}),
         record("moe", 2, 0.5, 0.9, **gates, **{score: float("nan")}),
     ]
     best = best_seeds(trial_frame(records))
@@ -108,8 +109,8 @@ def test_size_plot_needs_two_budgets(tmp_path):
                        param_count=budget + 5, serving_param_count=budget - 5)
                 for m in ("x", "y") for s in range(2) for c in (0.5, 0.9)]
 
-    one = trial_frame(sized(1000))
-    assert plot_against_size(one, summarize(one), tmp_path, "toy") == []
+    single_budget = trial_frame(sized(1000))
+    assert plot_against_size(single_budget, summarize(single_budget), tmp_path, "toy") == []
     two = trial_frame(sized(1000) + sized(4000))
     files = plot_against_size(two, summarize(two), tmp_path, "toy")
     assert sorted(f.name for f in files) == [
@@ -127,7 +128,7 @@ def dataset_record(dataset, grid, model, seed, value):
             "metrics": {"test/task1/mse": value}}
 
 
-def test_report_labels_each_dataset_by_its_grid(tmp_path):
+def test_tables_labelled_by_dataset_grid(tmp_path):
     records = []
     for seed, offset in enumerate((0.0, 0.1)):
         for correlation in (0.5, 0.9):
