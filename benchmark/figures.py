@@ -6,6 +6,7 @@ without a display.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -124,8 +125,9 @@ def routing_matrices(row: dict) -> dict[str, tuple[np.ndarray, list[str]]]:
 
     Reads the ``selected/routing/...`` metrics. Returns ``{"gates": ((T, E), task names)}`` of
     mean gate weights for mixture-of-experts models, or one ((I, J), upper unit indices) of
-    evaluation gates per SNR routing, bottom first and ``to_tasks`` last. Columns (experts or
-    lower sub-networks) keep their indices.
+    evaluation gates per SNR routing, bottom first and ``to_tasks`` last. The rows of
+    ``to_tasks`` are labelled with the task names of the row's ``tasks`` column (a JSON list)
+    where it has one. Columns (experts or lower sub-networks) keep their indices.
     """
     experts: dict[str, dict[int, float]] = {}
     connections: dict[str, dict[tuple[int, int], float]] = {}
@@ -137,6 +139,7 @@ def routing_matrices(row: dict) -> dict[str, tuple[np.ndarray, list[str]]]:
         elif match := CONNECTION_GATE.match(name):
             connections.setdefault(match["routing"], {})[int(match["i"]), int(match["j"])] = value
 
+    task_names = json.loads(row["tasks"]) if row.get("tasks") else []
     matrices = {}
     if experts:
         width = 1 + max(e for values in experts.values() for e in values)
@@ -148,7 +151,10 @@ def routing_matrices(row: dict) -> dict[str, tuple[np.ndarray, list[str]]]:
         matrix = np.full(shape, np.nan)
         for (i, j), value in cells.items():
             matrix[i, j] = value
-        matrices[routing] = (matrix, [str(i) for i in range(shape[0])])
+        labels = [str(i) for i in range(shape[0])]
+        if routing == "to_tasks" and len(task_names) == shape[0]:
+            labels = task_names
+        matrices[routing] = (matrix, labels)
     return matrices
 
 
@@ -177,7 +183,11 @@ def plot_routing(trials: pl.DataFrame, out_dir: Path, suite: str) -> list[Path]:
         if not panels:
             continue
         title = f"{suite}: {model}, gates of the best seed per sweep point"
-        files.append(_heat_maps(panels, title, out_dir / "routing" / f"{_slug(model)}.png"))
+        # CGC and PLE order their experts as the shared ones, then each task's own.
+        expert_axis = ("expert (shared first, then each task's own)"
+                       if model.split("+")[0] in ("cgc", "ple") else "expert")
+        path = out_dir / "routing" / f"{_slug(model)}.png"
+        files.append(_heat_maps(panels, title, path, expert_axis))
     return files
 
 
@@ -196,7 +206,12 @@ def best_seeds(trials: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _heat_maps(panels: list[tuple[str, dict[str, np.ndarray]]], title: str, path: Path) -> Path:
+def _heat_maps(
+    panels: list[tuple[str, dict[str, tuple[np.ndarray, list[str]]]]],
+    title: str,
+    path: Path,
+    expert_axis: str,
+) -> Path:
     plt = _pyplot()
     columns = max(len(matrices) for _, matrices in panels)
     figure, axes = plt.subplots(
@@ -210,7 +225,7 @@ def _heat_maps(panels: list[tuple[str, dict[str, np.ndarray]]], title: str, path
             image = axis.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
             moe = name == "gates"
             axis.set_title(f"{label}\n{name}" if not moe else label, fontsize="small")
-            axis.set_xlabel("expert" if moe else "lower sub-network")
+            axis.set_xlabel(expert_axis if moe else "lower sub-network")
             axis.set_ylabel("task" if moe or name == "to_tasks" else "upper sub-network")
             axis.set_xticks(range(matrix.shape[1]))
             axis.set_yticks(range(matrix.shape[0]), rows)

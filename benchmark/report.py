@@ -36,15 +36,20 @@ def trial_frame(records: Sequence[dict[str, Any]]) -> pl.DataFrame:
     """Build one row per finished trial from records with spec fields and final metrics.
 
     Each record contains ``dataset``, ``model``, ``budget``, ``seed``, ``grid`` (a dict) and
-    ``metrics`` (a dict).
+    ``metrics`` (a dict), and may contain ``tasks``, the task names in model order as a JSON
+    list, which labels the rows of SNR's ``to_tasks`` heat maps.
     """
     rows = []
     for record in records:
         row = {key: record[key] for key in ("dataset", "model", "budget", "seed")}
+        if record.get("tasks") is not None:
+            row["tasks"] = record["tasks"]
         row.update({f"grid.{key}": value for key, value in record["grid"].items()})
         row.update(record["metrics"])
         rows.append(row)
-    return pl.DataFrame(rows) if rows else pl.DataFrame()
+    # Metrics differ between trials (gates of one model kind, another dataset's tasks), so the
+    # schema comes from every row: polars would otherwise infer it from the first 100 only.
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
 def summarize(trials: pl.DataFrame) -> pl.DataFrame:

@@ -441,6 +441,7 @@ def _record(spec: TrialSpec, run: Any) -> dict[str, Any]:
         "seed": spec.seed,
         "grid": spec.grid_point,
         "metrics": dict(run.data.metrics),
+        "tasks": run.data.params.get("data.tasks"),
     }
 
 

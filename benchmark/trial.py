@@ -319,9 +319,10 @@ def _log_data_info(run_logger: RunLogger, data: MultiTaskData) -> None:
     numbers = {f"data/{k}": v for k, v in data.info.items() if isinstance(v, (int, float))}
     texts = {f"data.{k}": v for k, v in data.info.items() if not isinstance(v, (int, float))}
     numbers.update({f"data/{name}_size": len(split) for name, split in data.splits.items()})
+    # Metrics indexed by task, such as SNR's `to_tasks` gates, follow this order.
+    texts["data.tasks"] = json.dumps([task.name for task in data.tasks])
     run_logger.log_metrics(numbers)
-    if texts:
-        run_logger.log_params(texts)
+    run_logger.log_params(texts)
 
 
 def _record_failure(client: MlflowClient, run_id: str, trace: str, summary: str) -> None:

@@ -85,6 +85,12 @@ def test_routing_matrices_rebuilt_from_metrics():
     matrices = routing_matrices(snr)
     assert list(matrices) == ["to_layer_1", "to_tasks"]
     np.testing.assert_allclose(matrices["to_tasks"][0], [[0.2, 0.0], [0.9, 0.4]])
+    assert matrices["to_tasks"][1] == ["0", "1"]
+
+    # Task names in model order label the rows of `to_tasks`, and only those.
+    named = routing_matrices({**snr, "tasks": '["income", "marital"]'})
+    assert named["to_tasks"][1] == ["income", "marital"]
+    assert named["to_layer_1"][1] == ["0"]
 
 
 def test_best_seed_chosen_by_validation_score(tmp_path):
@@ -147,3 +153,18 @@ def test_tables_labelled_by_dataset_grid(tmp_path):
     assert "| mmoe+pcgrad | 2.0500 ± 0.6353 |" in tables["census"]
     assert (tmp_path / "synthetic_budget1000.png").stat().st_size > 0
     assert (tmp_path / "census_budget1000.png").stat().st_size > 0
+
+
+def test_trial_frame_keeps_late_metrics():
+    # 120 trials of one dataset, then one of another whose task appears in no earlier record.
+    records = [dataset_record("synthetic", {"correlation": 0.5}, "mmoe", seed, 1.0)
+               for seed in range(120)]
+    records.append({"dataset": "census", "model": "mmoe", "budget": 1000, "seed": 0,
+                    "grid": {"task_group": 1}, "metrics": {"test/income/auc": 0.9}})
+
+    frame = trial_frame(records)
+
+    assert frame.height == 121
+    assert "test/income/auc" in frame.columns
+    assert "grid.task_group" in frame.columns
+    assert frame["test/income/auc"].to_list()[-1] == 0.9

@@ -278,6 +278,11 @@ def test_routing_diagnostics_logged_with_documented_names(tmp_path):
     open_share = sum(g > 0 for g in gates) / len(gates)
     assert open_share == pytest.approx(snr.data.metrics["selected/routing/to_tasks/open_fraction"])
 
+    # The task order that the `to_tasks` gates follow, and the report's heat maps.
+    assert json.loads(snr.data.params["data.tasks"]) == ["task1", "task2"]
+    assert (results / "tiny" / "routing" / "snr_trans.png").stat().st_size > 0
+    assert (results / "tiny" / "routing" / "mmoe.png").stat().st_size > 0
+
 
 def test_weighting_sweep_logs_weights_and_labels(tmp_path):
     suite = write_suite(tmp_path, models=("shared_bottom",), seeds=(0,), correlations=(0.5,))
