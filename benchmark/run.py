@@ -41,10 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weighting", type=_csv, dest="weightings", metavar="WEIGHTINGS",
                         help="comma-separated loss weightings replacing the suite's, e.g. "
                         "equal,gradnorm (default of a suite without them: equal)")
-    parser.add_argument("--seeds", type=_csv_ints,
+    parser.add_argument("--seeds", type=_int_list("0,1,2"),
                         help="comma-separated seeds replacing the suite's, e.g. 0,1,2")
-    parser.add_argument("--budgets", type=_csv_ints,
-                        help="comma-separated parameter budgets replacing the suite's")
+    parser.add_argument("--budgets", type=_int_list("20000,80000"),
+                        help="comma-separated parameter budgets replacing the suite's, e.g. "
+                        "20000,80000")
     parser.add_argument("--max-epochs", type=int, help="maximum training epochs per trial")
     parser.add_argument("--workers", type=int, default=1,
                         help="trials run at once, each in its own process (default: 1; with "
@@ -66,10 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for the store, tables and plots (default: %(default)s)")
     parser.add_argument("--data-dir", type=Path,
                         help="root folder of the real data sets, one subfolder per data set "
-                        "(census-income/, ...); sets MTL_BENCH_DATA_DIR for every trial")
+                        "(census-income/, youtube8m/); sets MTL_BENCH_DATA_DIR for every trial")
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import a module that registers models or datasets; repeatable")
-    parser.add_argument("--dry-run", action="store_true", help="print the trial plan and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the trial plan, check that every dataset loads (downloading "
+                        "missing files, as a run would) and every model reaches its budget with "
+                        "its loss weighting, then exit without running or logging anything")
     parser.add_argument("--quick", action="store_true",
                         help="apply the suite's quick overrides: a smoke test of about a minute")
     parser.add_argument("--rerun", action="store_true",
@@ -122,10 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(str(error))
 
     trials = plan_trials(suite)
-    if args.dry_run:
-        return _print_to_pipe(lambda: _print_plan(trials))
+    from benchmark.sweep import SweepError, check_trials, resume_hint, run_sweep
 
-    from benchmark.sweep import SweepError, run_sweep
+    if args.dry_run:
+        _print_to_pipe(lambda: _print_plan(trials))
+        try:
+            check_trials(trials)
+        except SweepError as error:
+            return _usage_error(str(error))
+        print("Checked: every dataset loads, and every model reaches its budget and can train "
+              "with its loss weighting.", file=sys.stderr)
+        return EXIT_OK
 
     try:
         outcome = run_sweep(
@@ -145,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SweepError as error:
         return _usage_error(str(error))
     except KeyboardInterrupt:
-        print("Interrupted. Finished trials are kept; run the same command to resume.",
+        print(f"Interrupted. Finished trials are kept: {resume_hint(args.rerun)} to resume.",
               file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_TRIALS_FAILED if outcome.failures else EXIT_OK
@@ -225,13 +236,18 @@ def _csv(text: str) -> list[str]:
     return values
 
 
-def _csv_ints(text: str) -> list[int]:
-    try:
-        return [int(value) for value in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, such as 0,1,2 or 20000,80000, got {text!r}"
-        ) from None
+def _int_list(example: str) -> Callable[[str], list[int]]:
+    """Return an argparse type that reads comma-separated integers, citing ``example``."""
+
+    def parse(text: str) -> list[int]:
+        try:
+            return [int(value) for value in _csv(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated integers, such as {example}, got {text!r}"
+            ) from None
+
+    return parse
 
 
 if __name__ == "__main__":

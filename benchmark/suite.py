@@ -414,9 +414,11 @@ def _check_keywords(factory, values: dict, key: str, source: str, reserved: tupl
             )
         if name not in parameters and not takes_any:
             known = [p for p in parameters if p not in reserved and p != "self"]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
             raise SuiteError(
                 f"Invalid suite {source!r}: `{key}.{name}` is not a parameter of "
-                f"`{factory.__qualname__}`. Known parameters: {', '.join(known)}."
+                f"`{factory.__qualname__}`.{hint} Known parameters: {', '.join(known)}."
             )
 
 
@@ -449,8 +451,8 @@ def _describe(issue: dict) -> str:
         section = tuple(part for part in issue["loc"][:-1] if not isinstance(part, int))
         known = list(SECTION_MODELS.get(section, Suite).model_fields)
         close = difflib.get_close_matches(str(issue["loc"][-1]), known, n=1)
-        hint = f"did you mean `{close[0]}`? " if close else ""
-        return f"unknown key; {hint}valid keys here: {', '.join(known)}"
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        return f"unknown key.{hint} Valid keys here: {', '.join(known)}"
     if issue["type"] == "missing":
         return "required key is missing"
     message = issue["msg"].removeprefix("Value error, ")

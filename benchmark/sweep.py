@@ -117,8 +117,7 @@ def run_sweep(
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     client, experiment_id = _open_store(tracking_uri, experiment_name(suite))
     results_dir.mkdir(parents=True, exist_ok=True)
-    _announce_store(tracking_uri, experiment_name(suite))
-    with _server_errors(tracking_uri):
+    with _server_errors(tracking_uri, rerun):
         return _sweep(client, experiment_id, suite, trials, results_dir, tracking_uri, workers,
                       rerun, plugins, dict(tags or {}), quick, executor_options)
 
@@ -139,7 +138,9 @@ def _sweep(
 ) -> SweepOutcome:
     done = {} if rerun else finished_runs(client, experiment_id)
     to_run = [spec for spec in trials if spec.trial_hash not in done]
-    _preflight_datasets(to_run)
+    check_trials(to_run)
+    # Announced once the checks passed, so a sweep stopped by them points to no store to browse.
+    _announce_store(tracking_uri, experiment_name(suite))
 
     parent = client.create_run(
         experiment_id,
@@ -161,7 +162,7 @@ def _sweep(
 
     context = SweepContext(tracking_uri, experiment_id, parent_id, tags)
     try:
-        _execute(to_run, context, workers, plugins, outcome, executor_options)
+        _execute(to_run, context, workers, plugins, outcome, executor_options, rerun)
     except SweepError:
         # Ray could not start, or the tracking server went away. In the first case the store
         # still responds, so the parent run is marked FAILED. In the second nothing can be marked.
@@ -183,7 +184,7 @@ def _sweep(
     return outcome
 
 
-def _preflight_datasets(trials: Sequence[TrialSpec]) -> None:
+def check_trials(trials: Sequence[TrialSpec]) -> None:
     """Load each dataset setting once before any run exists, so a missing file, a failed
     download or an invalid parameter stops the sweep with one message, not one per trial.
 
@@ -192,6 +193,9 @@ def _preflight_datasets(trials: Sequence[TrialSpec]) -> None:
     depend on them (fixed weights name the tasks). Each model is sized to each budget on the
     meta device, without memory for its weights, so a budget it cannot reach, or a weighting it
     cannot train with, stops the sweep here as well.
+
+    Raises:
+        SweepError: If a dataset, a budget or a loss weighting of ``trials`` cannot be used.
     """
     data_by_setting: dict[tuple[str, str], MultiTaskData] = {}
     checked = set()
@@ -304,16 +308,21 @@ def _server_problem(tracking_uri: str, timeout: float = 10.0) -> str | None:
     return None
 
 
-def _server_lost(tracking_uri: str, problem: str) -> SweepError:
+def _server_lost(tracking_uri: str, problem: str, rerun: bool) -> SweepError:
     return SweepError(
         f"The MLflow tracking server {tracking_uri!r} stopped responding during the sweep: "
         f"{problem}. Trials that finished before are kept in the store. Restart the server on "
-        f"the same backend store, then run the same command to resume the sweep without them."
+        f"the same backend store, then {resume_hint(rerun)} to resume the sweep without them."
     )
 
 
+def resume_hint(rerun: bool) -> str:
+    """Return the command that resumes a sweep, which must not rerun the finished trials."""
+    return "run the same command without --rerun" if rerun else "run the same command"
+
+
 @contextmanager
-def _server_errors(tracking_uri: str) -> Iterator[None]:
+def _server_errors(tracking_uri: str, rerun: bool) -> Iterator[None]:
     """Turn any error of a sweep whose tracking server stopped into one :class:`SweepError`.
 
     Whichever MLflow call notices first would otherwise end the sweep with its own traceback.
@@ -326,7 +335,7 @@ def _server_errors(tracking_uri: str) -> Iterator[None]:
         problem = _server_problem(tracking_uri)
         if problem is None:
             raise
-        raise _server_lost(tracking_uri, problem) from error
+        raise _server_lost(tracking_uri, problem, rerun) from error
 
 
 def _announce_store(tracking_uri: str, experiment: str) -> None:
@@ -351,6 +360,7 @@ def _execute(
     plugins: Sequence[str],
     outcome: SweepOutcome,
     options: ExecutorOptions,
+    rerun: bool,
 ) -> None:
     if not to_run:
         return
@@ -363,11 +373,12 @@ def _execute(
             # A trial fails when its store does, so every later trial would fail the same way.
             problem = _server_problem(context.tracking_uri)
             if problem:
-                raise _server_lost(context.tracking_uri, problem)
+                raise _server_lost(context.tracking_uri, problem, rerun)
             outcome.failures.append(result)
             bar.write(f"FAILED {result.name}: {result.error}", file=sys.stderr)
+        # One refresh per trial: set_postfix would otherwise draw the bar a second time.
+        bar.set_postfix(failed=len(outcome.failures), refresh=False)
         bar.update(1)
-        bar.set_postfix(failed=len(outcome.failures))
 
     try:
         if options.name == "ray":

@@ -407,12 +407,21 @@ def locate_files(directory: Path, config: CensusConfig) -> dict[str, Path]:
         missing = []
 
     if missing:
+        partial = partial_files_hint(directory, found)
         if not config.download:
             raise FileNotFoundError(
                 f"Census-Income file(s) {missing} not found in {directory} (plain or .gz), and "
-                f"`download` is False. {manual_download_hint(directory, config.url)}"
+                f"`download` is False. {partial}{manual_download_hint(directory, config.url)}"
             )
-        download_census(directory, config.url, config.download_timeout)
+        try:
+            download_census(directory, config.url, config.download_timeout)
+        except DownloadError as error:
+            if not partial:
+                raise
+            raise DownloadError(
+                f"Census-Income file(s) {missing} not found in {directory}, and the download "
+                f"failed. {partial}{error}"
+            ) from error
         found = {name: find_file(directory, name) for name in found}
         missing = [name for name, path in found.items() if path is None]
         if missing and config.split == "official":
@@ -421,6 +430,18 @@ def locate_files(directory: Path, config: CensusConfig) -> dict[str, Path]:
                 f"still lacks them. {manual_download_hint(directory, config.url)}"
             )
     return {name: path for name, path in found.items() if path is not None}
+
+
+def partial_files_hint(directory: Path, found: dict[str, Path | None]) -> str:
+    """Return how to train on the files present when only some are, else an empty string."""
+    present = [path.name for path in found.values() if path is not None]
+    if not present or len(present) == len(found):
+        return ""
+    return (
+        f"{directory} contains only {present}. The official split needs both files. To train on "
+        f"the files at hand, set `params = {{ split = \"fraction\" }}` for the census dataset in "
+        f"a suite file, which splits their rows by seeded fractions (0.6, 0.2, 0.2 by default). "
+    )
 
 
 def manual_download_hint(directory: Path, url: str) -> str:

@@ -12,29 +12,11 @@ import pytest
 from benchmark.run import main
 
 from .conftest import store_runs, write_suite
-from .test_sweep import KILLING_PLUGIN
+from .test_sweep import INTERRUPTING_PLUGIN, KILLING_PLUGIN
 
 ray = pytest.importorskip("ray")
 
 CHECKOUT = Path(__file__).resolve().parents[2]
-
-# Sends Ctrl-C to the process that runs the sweep, then keeps its trial in flight until the
-# executor stops the worker.
-INTERRUPTING_PLUGIN = '''
-import os
-import signal
-import time
-
-from models import register_model
-from models.shared_bottom import SharedBottom
-
-
-@register_model("interrupter", override=True)
-class Interrupter(SharedBottom):
-    def forward(self, x):
-        os.kill({driver_pid}, signal.SIGINT)
-        time.sleep(600)
-'''
 
 # Writes the file of the `benchmark` package that the worker imported.
 PROBE_PLUGIN = '''

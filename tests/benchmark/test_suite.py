@@ -55,7 +55,7 @@ def test_yaml_suite(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     ("typo_key = 1\n", r"`typo_key`: unknown key"),
     ("[training]\nmax_epoch = 3\n",
-     r"`training.max_epoch`: unknown key; did you mean `max_epochs`\? valid keys here: max_epochs"),
+     r"`training.max_epoch`: unknown key. Did you mean `max_epochs`\? Valid keys here: max_epochs"),
     ("[training]\nmax_epochs = 0\n", r"`training.max_epochs`: .*greater than or equal to 1"),
 ])
 def test_unknown_and_bad_keys_named(tmp_path, extra, message):
@@ -82,6 +82,17 @@ def test_unknown_model_named(tmp_path):
 def test_empty_grid_rejected(tmp_path):
     path = write_suite(tmp_path, correlations=())
     with pytest.raises(SuiteError, match=r"`datasets\[0\].grid`: grid value list `correlation` is empty"):
+        load_suite(str(path))
+
+
+def test_misspelled_grid_key_suggests_parameter(tmp_path):
+    path = tmp_path / "typo.toml"
+    path.write_text(
+        "name = 'typo'\nmodels = ['mmoe']\nbudgets = [2000]\nseeds = [0]\n"
+        "[[datasets]]\nname = 'synthetic'\ngrid = { corelation = [0.5] }\n"
+    )
+    with pytest.raises(SuiteError, match=r"`datasets\[0\].grid.corelation` is not a parameter of "
+                                         r"`\w+`. Did you mean `correlation`\?"):
         load_suite(str(path))
 
 
@@ -237,8 +248,8 @@ def test_builtin_weighting_suite_plan():
     (["equal"], "[weighting_options.pcgrad]\nseed = 1\n",
      r"`weighting_options.pcgrad` names a weighting that is not in `weightings` \(equal\)"),
     (["gradnorm"], "[weighting_options.gradnorm]\nalpah = 1.0\n",
-     r"`weighting_options.gradnorm.alpah` is not a parameter of `GradNorm`. Known parameters: "
-     r"alpha, learning_rate, min_weight"),
+     r"`weighting_options.gradnorm.alpah` is not a parameter of `GradNorm`. Did you mean "
+     r"`alpha`\? Known parameters: alpha, learning_rate, min_weight"),
     (["fixed"], "[weighting_options.fixed]\ntasks = ['a']\n",
      r"`weighting_options.fixed.tasks` is set by the harness"),
 ])

@@ -3,12 +3,31 @@
 import csv
 import json
 import math
+import os
 
 import pytest
 
 from benchmark.run import main
 
 from .conftest import store_runs, write_suite
+
+# Sends Ctrl-C to the process that runs the sweep, then keeps its trial in flight until the
+# interrupt ends it (in that process) or the executor stops its worker.
+INTERRUPTING_PLUGIN = '''
+import os
+import signal
+import time
+
+from models import register_model
+from models.shared_bottom import SharedBottom
+
+
+@register_model("interrupter", override=True)
+class Interrupter(SharedBottom):
+    def forward(self, x):
+        os.kill({driver_pid}, signal.SIGINT)
+        time.sleep(600)
+'''
 
 FAILING_PLUGIN = '''
 import torch
@@ -139,9 +158,10 @@ def test_list_and_dry_run(tmp_path, suite_file, capsys):
 
     results = tmp_path / "results"
     assert run(suite_file, results, "--dry-run", "--models", "mmoe", "--seeds", "3") == 0
-    plan = capsys.readouterr().out
-    assert plan.startswith("2 trials:")
-    assert "mmoe synthetic correlation=0.5 budget=3000 seed=3" in plan
+    output = capsys.readouterr()
+    assert output.out.startswith("2 trials:")
+    assert "mmoe synthetic correlation=0.5 budget=3000 seed=3" in output.out
+    assert "Checked: every dataset loads" in output.err
     assert not (results / "mlflow.db").exists()
 
 
@@ -343,7 +363,30 @@ def test_untrainable_model_stops_before_any_run(tmp_path, suite_file, capsys, ex
 
     assert run(suite_file, results, *extra) == 2
 
-    assert message in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Browse it with" not in error
     _, parents, children = store_runs(results)
     assert parents == []
     assert children == []
+
+    # A dry run makes the same checks, and writes nothing.
+    dry_results = tmp_path / "dry"
+    assert run(suite_file, dry_results, *extra, "--dry-run") == 2
+    assert message in capsys.readouterr().err
+    assert not dry_results.exists()
+
+
+def test_ctrl_c_after_rerun_hints_without_rerun(tmp_path, capsys):
+    plugin = tmp_path / "interrupting_plugin.py"
+    plugin.write_text(INTERRUPTING_PLUGIN.format(driver_pid=os.getpid()))
+    suite = write_suite(tmp_path, models=("interrupter",), seeds=(0,), correlations=(0.5,))
+    results = tmp_path / "results"
+
+    assert run(suite, results, "--plugin", str(plugin), "--rerun") == 130
+
+    _, parents, children = store_runs(results)
+    assert parents[0].info.status == "KILLED"
+    assert [c.info.status for c in children] == ["KILLED"]
+    error = capsys.readouterr().err
+    assert "Finished trials are kept: run the same command without --rerun to resume." in error

@@ -536,6 +536,23 @@ def test_missing_file_without_download(census_dir: Path, tmp_path: Path) -> None
         load(census_dir, tmp_path)
 
 
+def test_failed_download_suggests_fraction_split(tmp_path: Path) -> None:
+    directory = tmp_path / "files"
+    directory.mkdir()
+    write_lines(directory / "census-income.test", TEST_ROWS)
+
+    with ServedFiles(tmp_path / "nothing-here") as server:
+        with pytest.raises(DownloadError) as raised:
+            load_census(download_config(directory, tmp_path, server.url("census.zip")))
+
+    message = str(raised.value)
+    assert "['census-income.data'] not found in" in message
+    assert "contains only ['census-income.test']" in message
+    assert 'split = "fraction"' in message
+    assert "404" in message
+    assert "To place the files by hand" in message
+
+
 def test_truncated_gzip(tmp_path: Path) -> None:
     directory = tmp_path / "files"
     directory.mkdir()
