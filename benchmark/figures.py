@@ -26,8 +26,9 @@ SIZE_AXES = {
 def plot(summary: pl.DataFrame, path: Path, title: str) -> Path | None:
     """Plot each task metric against the grid parameter: one line and 95 % band per model.
 
-    Makes one figure per dataset and budget, with one panel per metric. Returns None when the
-    grid has no single numeric parameter to put on the x axis.
+    Makes one figure per dataset and budget, with one panel per metric. As in
+    :func:`plot_against_size`, the y axis spans the means, and bands wider than that are cut.
+    Returns None when the grid has no single numeric parameter to put on the x axis.
     """
     plt = _pyplot()
     grid_columns = filled_columns(summary, [c for c in summary.columns if c.startswith("grid.")])
@@ -38,12 +39,14 @@ def plot(summary: pl.DataFrame, path: Path, title: str) -> Path | None:
 
     figure, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
-        _lines_with_bands(axis, summary.filter(pl.col("metric") == metric), x_column)
+        values = summary.filter(pl.col("metric") == metric)
+        _lines_with_bands(axis, values, x_column)
+        _fit_to_means(axis, values["mean"].to_numpy(), zero=False)
         axis.set_xlabel(x_column[len("grid."):])
         axis.set_ylabel(metric)
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    return _save(figure, title, path)
+    _legend_beside(axes)
+    return _save(figure, f"{title} ({_interval_note(summary)})", path)
 
 
 def plot_against_size(
@@ -86,17 +89,30 @@ def plot_against_size(
                 _size_axis(axis, budgets, SIZE_AXES[size])
                 _fit_to_means(axis, values["mean"].to_numpy(), zero=difference_to is not None)
                 axis.set_ylabel(metric if difference_to is None else f"{metric} - {difference_to}")
-        axes[0][0].legend(fontsize="small")
+        _legend_beside(axes)
         label = _point_label(point[0], grid_columns, point[1:])
         if difference_to is None:
-            title = f"{suite}: {label}, metric against model size (mean, 95 % CI)"
+            title = f"{suite}: {label}, metric against model size ({_interval_note(group)})"
             name = f"{_slug(label)}_size.png"
         else:
             title = (f"{suite}: {label}, difference to {difference_to} at the same budget, "
-                     f"paired by seed (mean, 95 % CI)")
+                     f"paired by seed ({_interval_note(group)})")
             name = f"{_slug(label)}_size_vs_{_slug(difference_to)}.png"
         files.append(_save(figure, title, out_dir / name))
     return files
+
+
+def _legend_beside(axes) -> None:
+    """Put the models' legend to the right of the top right panel, clear of lines and bands."""
+    axes[0][-1].legend(*axes[0][0].get_legend_handles_labels(), fontsize="small",
+                       loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def _interval_note(summary: pl.DataFrame) -> str:
+    """Describe the bands of a figure: a 95 % interval needs at least two seeds."""
+    if summary.height and summary["n"].max() < 2:
+        return "mean of one seed, no interval"
+    return "mean, 95 % CI"
 
 
 def _size_axis(axis, budgets: list[int], label: str) -> None:
@@ -310,6 +326,7 @@ def _save(figure, title: str, path: Path, tight: bool = True) -> Path:
     if tight:
         figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    # A tight bounding box keeps a legend placed beside the axes inside the image.
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

@@ -239,7 +239,7 @@ def write_report(
     files[2].write_text(f"# Suite `{suite}`: test metrics, mean ± 95 % CI over seeds\n\n{text}\n")
 
     for (dataset, budget), group in summary.group_by(["dataset", "budget"], maintain_order=True):
-        title = f"{suite}: {dataset}, budget {budget:,} parameters (mean, 95 % CI)"
+        title = f"{suite}: {dataset}, budget {budget:,} parameters"
         figure = plot(group, out_dir / f"{dataset}_budget{budget}.png", title)
         if figure is not None:
             files.append(figure)
