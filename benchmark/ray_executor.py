@@ -3,7 +3,9 @@
 Ray is an optional dependency (``pip install -e ".[ray]"``), imported only by a sweep run with
 ``--executor ray``. Each trial is one task that declares its CPU share, so Ray places trials on
 nodes with free cores. ``--workers`` still bounds how many trials are in flight at once. Trials
-train on CPU, so every task declares ``num_gpus=0``.
+train on CPU and declare ``num_gpus=0``, unless the sweep runs with ``--accelerator gpu``: then
+each task declares ``--gpus-per-trial`` (1 by default), and Ray makes only its assigned GPU
+visible to it.
 
 Where the code comes from: on a local instance, tasks get this checkout's folder on
 ``PYTHONPATH``, so workers import the same ``benchmark``, ``models`` and ``datasets`` as the
@@ -152,6 +154,7 @@ def run_ray(
     plugins: Sequence[str] = (),
     address: str | None = None,
     cpus_per_trial: int | None = None,
+    gpus_per_trial: float = 0.0,
 ) -> None:
     """Run ``trials`` as Ray tasks and call ``on_result`` with each result as it arrives.
 
@@ -159,14 +162,16 @@ def run_ray(
     memory, node lost) has its run marked FAILED and is retried once, then failed.
 
     Raises:
-        RaySetupError: If Ray cannot start or connect, or no node has ``cpus_per_trial`` CPUs.
+        RaySetupError: If Ray cannot start or connect, or no node has ``cpus_per_trial`` CPUs
+            or ``gpus_per_trial`` GPUs.
     """
     ray = import_ray()
     with _ray_connection(ray, address):
         num_cpus = _cpus_per_trial(ray, workers, cpus_per_trial)
+        _check_gpus(ray, gpus_per_trial)
         task = ray.remote(_run_trial_task).options(
             num_cpus=num_cpus,
-            num_gpus=0,
+            num_gpus=gpus_per_trial,
             # Retries are made here, so the run of the attempt that died is marked FAILED first.
             max_retries=0,
             runtime_env=task_runtime_env(address),
@@ -231,6 +236,21 @@ def _cpus_per_trial(ray: Any, workers: int, requested: int | None) -> int:
         return requested
     total = int(ray.cluster_resources().get("CPU", 1))
     return max(1, min(total // workers, largest))
+
+
+def _check_gpus(ray: Any, gpus_per_trial: float) -> None:
+    """Check that some node has the GPU share a trial declares, which Ray would wait for forever."""
+    if not gpus_per_trial:
+        return
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    largest = max((float(node["Resources"].get("GPU", 0)) for node in nodes), default=0.0)
+    if largest < gpus_per_trial:
+        raise RaySetupError(
+            f"--accelerator gpu asks for {gpus_per_trial:g} GPU per trial, but no Ray node has "
+            f"that many (the most any node has is {largest:g}), so no trial could be scheduled. "
+            f"Start the Ray nodes on machines with GPUs, or leave out --accelerator to train on "
+            f"the CPU."
+        )
 
 
 def task_runtime_env(address: str | None) -> dict[str, Any]:

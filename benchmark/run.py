@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-trial", type=int, metavar="N",
                         help="with --executor ray: CPUs (and torch threads) each trial requests "
                         "(default: the cluster's CPUs divided by --workers)")
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu",
+                        help="device each trial trains on: cpu, or gpu (one CUDA GPU per trial; "
+                        "not part of a trial's configuration, so finished trials still count) "
+                        "(default: %(default)s)")
+    parser.add_argument("--gpus-per-trial", type=float, metavar="SHARE",
+                        help="with --executor ray --accelerator gpu: the GPU share each trial "
+                        "requests, above 0 and at most 1, such as 0.25 for four trials per GPU "
+                        "(default: 1)")
     parser.add_argument("--tracking-uri",
                         help="MLflow tracking URI (default: a SQLite store in the results folder)")
     parser.add_argument("--results-dir", type=Path, default=Path("results"),
@@ -152,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             executor=args.executor,
             ray_address=args.ray_address,
             cpus_per_trial=args.cpus_per_trial,
+            accelerator=args.accelerator,
+            gpus_per_trial=args.gpus_per_trial,
         )
     except SweepError as error:
         return _usage_error(str(error))

@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 EXECUTORS = ("local", "ray")
+ACCELERATORS = ("cpu", "gpu")
 BASELINE = "single_task"  # the model whose paired differences the report shows
 
 
@@ -50,11 +51,14 @@ class SweepError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExecutorOptions:
-    """The executor of a sweep: ``local`` or ``ray``, and for Ray the cluster and CPUs per trial."""
+    """Placement of a sweep's trials: the executor (``local`` or ``ray``), for Ray the cluster
+    and the resources of each trial, and the device each trial trains on."""
 
     name: str = "local"
     ray_address: str | None = None  # None: a local Ray instance
     cpus_per_trial: int | None = None  # None: the cluster's CPUs divided among the workers
+    accelerator: str = "cpu"  # "cpu", or "gpu" for one CUDA device per trial
+    gpus_per_trial: float = 0.0  # the GPU share each Ray task declares, 0 on CPU
 
 
 @dataclass
@@ -86,6 +90,8 @@ def run_sweep(
     executor: str = "local",
     ray_address: str | None = None,
     cpus_per_trial: int | None = None,
+    accelerator: str = "cpu",
+    gpus_per_trial: float | None = None,
 ) -> SweepOutcome:
     """Run the trials of ``suite`` not yet finished in the store, then report on all of them.
 
@@ -94,20 +100,27 @@ def run_sweep(
             tasks (see :mod:`benchmark.ray_executor`).
         ray_address: the Ray cluster to use; None starts a local Ray instance.
         cpus_per_trial: CPUs each Ray task declares; None divides the cluster's among ``workers``.
+        accelerator: ``"cpu"``, or ``"gpu"`` to train every trial on one CUDA device. The
+            device is not part of a trial's configuration, so it does not change trial hashes.
+        gpus_per_trial: with ``"gpu"`` and Ray, the share of a GPU each task declares, from
+            above 0 to 1 (default 1); a share below 1 lets several trials use one GPU.
 
     Raises:
-        SweepError: If the tracking store cannot be opened, if Ray cannot be used, or if a
-            tracking server stops responding during the sweep.
+        SweepError: If the tracking store cannot be opened, if Ray or the requested GPU cannot
+            be used, or if a tracking server stops responding during the sweep.
     """
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}.")
+    gpus = _gpu_share(accelerator, executor, gpus_per_trial)
+    if accelerator == "gpu" and executor == "local":
+        _check_local_gpu()
     results_dir = results_dir.resolve()
     if tracking_uri is None:
         # The default store is a file in the results folder, so the folder must exist first.
         # Another store is checked before anything is written.
         results_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking_uri or default_tracking_uri(results_dir)
-    executor_options = ExecutorOptions(executor, ray_address, cpus_per_trial)
+    executor_options = ExecutorOptions(executor, ray_address, cpus_per_trial, accelerator, gpus)
     if executor == "ray":
         _check_ray(executor_options, tracking_uri)
     if is_http(tracking_uri):
@@ -141,6 +154,7 @@ def _sweep(
     check_trials(to_run)
     # Announced once the checks passed, so a sweep stopped by them points to no store to browse.
     _announce_store(tracking_uri, experiment_name(suite))
+    tags = {**tags, "accelerator": executor_options.accelerator}
 
     parent = client.create_run(
         experiment_id,
@@ -160,7 +174,8 @@ def _sweep(
         print(f"Skipping {outcome.skipped} trial(s) already finished in the store "
               f"(use --rerun to run them again).", file=sys.stderr)
 
-    context = SweepContext(tracking_uri, experiment_id, parent_id, tags)
+    context = SweepContext(tracking_uri, experiment_id, parent_id, tags,
+                           executor_options.accelerator)
     try:
         _execute(to_run, context, workers, plugins, outcome, executor_options, rerun)
     except SweepError:
@@ -344,6 +359,34 @@ def _announce_store(tracking_uri: str, experiment: str) -> None:
         print(f"Browse it with: mlflow ui --backend-store-uri {tracking_uri}", file=sys.stderr)
 
 
+def _gpu_share(accelerator: str, executor: str, gpus_per_trial: float | None) -> float:
+    """Return the GPU share each Ray task declares, after checking the device options."""
+    if accelerator not in ACCELERATORS:
+        raise SweepError(f"--accelerator must be one of {', '.join(ACCELERATORS)}, got "
+                         f"{accelerator!r}.")
+    if gpus_per_trial is None:
+        return 1.0 if accelerator == "gpu" else 0.0
+    if accelerator != "gpu" or executor != "ray":
+        raise SweepError(f"--gpus-per-trial applies only to `--executor ray --accelerator gpu`, "
+                         f"got it with --executor {executor} --accelerator {accelerator}. Add "
+                         f"those options or remove --gpus-per-trial.")
+    if not 0.0 < gpus_per_trial <= 1.0:
+        raise SweepError(f"--gpus-per-trial must be above 0 and at most 1, got {gpus_per_trial}: "
+                         f"a trial trains on one GPU, and a share such as 0.25 runs four trials "
+                         f"on each.")
+    return float(gpus_per_trial)
+
+
+def _check_local_gpu() -> None:
+    if not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+        raise SweepError(
+            f"--accelerator gpu needs a CUDA GPU, but PyTorch sees none in this process (torch "
+            f"{torch.__version__}, {build}). Run on a machine with a GPU and a CUDA build of "
+            f"PyTorch, or leave out --accelerator to train on the CPU."
+        )
+
+
 def _check_ray(options: ExecutorOptions, tracking_uri: str) -> None:
     from benchmark.ray_executor import RaySetupError, check_ray_setup
 
@@ -401,7 +444,7 @@ def _run_ray(
 
     try:
         run_ray(to_run, context, workers, on_result, plugins, options.ray_address,
-                options.cpus_per_trial)
+                options.cpus_per_trial, options.gpus_per_trial)
     except RaySetupError as error:
         raise SweepError(str(error)) from error
 

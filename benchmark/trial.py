@@ -42,6 +42,7 @@ class SweepContext:
     experiment_id: str
     parent_run_id: str | None
     tags: dict[str, str] = field(default_factory=dict)  # package versions, git commit
+    accelerator: str = "cpu"  # the Lightning accelerator of every trial: "cpu" or "gpu"
 
 
 @dataclass
@@ -143,7 +144,7 @@ def run_trial(spec: TrialSpec, context: SweepContext) -> TrialResult:
         if spec.kind == "reference":
             result.metrics = _fit_reference(spec, run_logger)
         else:
-            result.metrics = _train_and_test(spec, run_logger)
+            result.metrics = _train_and_test(spec, run_logger, context.accelerator)
         result.status = "FINISHED"
         client.set_terminated(result.run_id, "FINISHED")
     except (KeyboardInterrupt, SystemExit):
@@ -159,7 +160,7 @@ def run_trial(spec: TrialSpec, context: SweepContext) -> TrialResult:
     return result
 
 
-def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
+def _train_and_test(spec: TrialSpec, run_logger: RunLogger, accelerator: str) -> dict[str, float]:
     started = time.perf_counter()
     config = spec.config()
     run_logger.log_config(config)
@@ -184,7 +185,8 @@ def _train_and_test(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
         model, data.tasks, training["learning_rate"], training["weight_decay"], weighting
     )
     best = BestEpoch(training["patience"])
-    trainer = _trainer(training["max_epochs"], [best, EpochMetricsLogger(run_logger)])
+    trainer = _trainer(training["max_epochs"], [best, EpochMetricsLogger(run_logger)],
+                       accelerator)
     train_started = time.perf_counter()
     workers = training.get("loader_workers", 0)
     trainer.fit(
@@ -278,11 +280,11 @@ def _fit_reference(spec: TrialSpec, run_logger: RunLogger) -> dict[str, float]:
     return final
 
 
-def _trainer(max_epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+def _trainer(max_epochs: int, callbacks: list[pl.Callback], accelerator: str) -> pl.Trainer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return pl.Trainer(
-            accelerator="cpu",
+            accelerator=accelerator,
             devices=1,
             max_epochs=max_epochs,
             logger=False,

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark.run import main
 
@@ -133,6 +134,19 @@ def test_too_many_cpus_per_trial_explained(tmp_path, ray_instance, capsys):
 
     error = capsys.readouterr().err
     assert "--cpus-per-trial 3 is more than any Ray node has (the largest has 2 CPUs)" in error
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_gpu_trials_without_ray_gpus_explained(tmp_path, ray_instance, capsys):
+    suite = write_suite(tmp_path, seeds=(0,), correlations=(0.5,))
+
+    code = run(suite, tmp_path / "results", "--accelerator", "gpu", "--gpus-per-trial", "0.5")
+
+    assert code == 2
+    error = capsys.readouterr().err
+    assert ("--accelerator gpu asks for 0.5 GPU per trial, but no Ray node has that many (the "
+            "most any node has is 0)") in error
 
 
 @pytest.mark.slow

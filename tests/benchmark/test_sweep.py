@@ -6,6 +6,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from benchmark.run import main
 
@@ -62,6 +63,7 @@ def test_sweep_logs_every_trial_and_report(tmp_path, suite_file, capsys):
         assert {"test/task1/mse", "test/task2/mse", "param_count", "wall_seconds"} <= set(metrics)
         assert abs(metrics["param_count"] - 3000) / 3000 <= 0.02
         assert child.data.params["model.name"] == child.data.tags["model"]
+        assert child.data.tags["accelerator"] == "cpu"
         history = client.get_metric_history(child.info.run_id, "val/task1/mse")
         assert [m.step for m in history] == [0, 1]
         config = json.loads(open(client.download_artifacts(child.info.run_id, "config.json")).read())
@@ -390,3 +392,35 @@ def test_ctrl_c_after_rerun_hints_without_rerun(tmp_path, capsys):
     assert [c.info.status for c in children] == ["KILLED"]
     error = capsys.readouterr().err
     assert "Finished trials are kept: run the same command without --rerun to resume." in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_gpu_without_cuda_stops_before_any_run(tmp_path, suite_file, capsys):
+    results = tmp_path / "results"
+
+    assert run(suite_file, results, "--accelerator", "gpu") == 2
+
+    error = capsys.readouterr().err
+    assert "--accelerator gpu needs a CUDA GPU, but PyTorch sees none in this process" in error
+    assert "leave out --accelerator to train on the CPU" in error
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--gpus-per-trial", "0.5"),
+     "--gpus-per-trial applies only to `--executor ray --accelerator gpu`, got it with "
+     "--executor local --accelerator cpu"),
+    (("--executor", "ray", "--gpus-per-trial", "0.5"),
+     "got it with --executor ray --accelerator cpu"),
+    (("--executor", "ray", "--accelerator", "gpu", "--gpus-per-trial", "2"),
+     "--gpus-per-trial must be above 0 and at most 1, got 2.0"),
+    (("--executor", "ray", "--accelerator", "gpu", "--gpus-per-trial", "0"),
+     "--gpus-per-trial must be above 0 and at most 1, got 0.0"),
+])
+def test_invalid_gpu_share_rejected(tmp_path, suite_file, capsys, extra, message):
+    results = tmp_path / "results"
+
+    assert run(suite_file, results, *extra) == 2
+
+    assert message in capsys.readouterr().err
+    assert not results.exists()
