@@ -789,6 +789,8 @@ def test_download_command_line_as_module(tmp_path: Path) -> None:
 
     assert result.returncode == 1, result.stderr
     assert "error: Downloading" in result.stderr
+    # The module is not imported twice (once by the package, once as __main__).
+    assert "RuntimeWarning" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -819,9 +819,7 @@ class TFRecordSplit(StreamSplit):
 # Loading.
 
 
-# Run as `python -m datasets.youtube8m`, this file executes a second time as `__main__`, after
-# the package import has registered the first copy.
-@register_dataset("youtube8m", override=__name__ == "__main__")
+@register_dataset("youtube8m")
 def youtube8m(seed: int = 0, **params: Any) -> MultiTaskData:
     """Open the YouTube-8M shards as streamed splits, one task per vertical.
 
@@ -1208,7 +1206,3 @@ def _shard_arguments(args: argparse.Namespace) -> tuple[int, int]:
         return 1, round(1 / args.fraction)
     return 1, 1
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    sys.exit(main())
