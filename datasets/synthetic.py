@@ -77,10 +77,14 @@ def synthetic(
     n_train: int = 10_000,
     n_val: int = 2_000,
     n_test: int = 2_000,
+    data_seed: int | None = None,
 ) -> MultiTaskData:
     """Generate the two-task regression problem for one correlation score.
 
-    The same seed gives the same tasks and the same samples, bit for bit.
+    The same seed gives the same tasks and the same samples, bit for bit. By default that is
+    the trial's ``seed``, so every seed draws a new problem, and the spread over seeds includes
+    how hard each problem is. An integer ``data_seed`` draws one problem for every seed, so the
+    seeds differ only in the model's initialisation and the order of training batches.
 
     Example:
         >>> data = synthetic(seed=0, correlation=0.9, n_train=500, n_val=100, n_test=100)
@@ -88,7 +92,10 @@ def synthetic(
         torch.Size([500, 100])
     """
     _check_arguments(correlation, input_dim, scale, num_sines, noise_std, n_train, n_val, n_test)
-    rng = np.random.default_rng(seed)
+    if data_seed is not None and (isinstance(data_seed, bool) or not isinstance(data_seed, int)):
+        raise ValueError(f"data_seed must be an integer or None, got {data_seed!r}.")
+    drawn_with = seed if data_seed is None else data_seed
+    rng = np.random.default_rng(drawn_with)
     tasks = make_tasks(rng, correlation, input_dim, scale, num_sines, noise_std)
 
     splits = {}
@@ -107,7 +114,8 @@ def synthetic(
     return MultiTaskData(
         tasks=(TaskSpec("task1", "regression"), TaskSpec("task2", "regression")),
         splits=splits,
-        info={"label_correlation": label_correlation, "weight_cosine": cosine},
+        info={"label_correlation": label_correlation, "weight_cosine": cosine,
+              "seed": drawn_with},
     )
 
 

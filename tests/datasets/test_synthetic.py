@@ -42,6 +42,19 @@ def test_same_seed_same_data_other_seed_differs():
     assert not torch.equal(first.splits["train"].features, third.splits["train"].features)
 
 
+def test_data_seed_fixes_problem_across_seeds():
+    first = synthetic(seed=1, data_seed=7, **SMALL)
+    second = synthetic(seed=2, data_seed=7, **SMALL)
+    drawn = synthetic(seed=7, **SMALL)
+    for data in (second, drawn):
+        for name in ("train", "val", "test"):
+            assert torch.equal(first.splits[name].features, data.splits[name].features)
+            for a, b in zip(first.splits[name].targets, data.splits[name].targets):
+                assert torch.equal(a, b)
+    assert first.info["seed"] == 7
+    assert synthetic(seed=3, **SMALL).info["seed"] == 3
+
+
 def test_label_correlation_rises_with_p():
     measured = [
         synthetic(seed=0, correlation=p, **SMALL).info["label_correlation"]
@@ -74,6 +87,7 @@ def test_shapes_tasks_and_registry():
     ({"input_dim": 1}, "input_dim must be >= 2"),
     ({"n_val": 0}, "n_val must be >= 1, got 0"),
     ({"noise_std": -1.0}, "noise_std must be >= 0"),
+    ({"data_seed": 1.5}, "data_seed must be an integer or None, got 1.5"),
 ])
 def test_invalid_parameters_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
