@@ -93,7 +93,10 @@ def synthetic(
     """
     _check_arguments(correlation, input_dim, scale, num_sines, noise_std, n_train, n_val, n_test)
     if data_seed is not None and (isinstance(data_seed, bool) or not isinstance(data_seed, int)):
-        raise ValueError(f"data_seed must be an integer or None, got {data_seed!r}.")
+        raise ValueError(
+            f"data_seed must be an integer or None, got {data_seed!r}. Leave it out to draw a "
+            f"new problem for every seed."
+        )
     drawn_with = seed if data_seed is None else data_seed
     rng = np.random.default_rng(drawn_with)
     tasks = make_tasks(rng, correlation, input_dim, scale, num_sines, noise_std)
