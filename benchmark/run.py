@@ -220,8 +220,10 @@ def _print_listing() -> None:
     from models import MODELS, WEIGHTINGS
 
     print("Suites:")
-    for name, path in sorted(builtin_suites().items()):
-        print(f"  {name:<12} {read_suite_file(path).get('description', '')}")
+    suites = sorted(builtin_suites().items())
+    width = max(len(name) for name, _ in suites) + 1
+    for name, path in suites:
+        print(f"  {name:<{width}} {read_suite_file(path).get('description', '')}")
     print("Models:     " + ", ".join(MODELS.names()))
     print("Weightings: " + ", ".join(WEIGHTINGS.names()))
     print("Datasets:   " + ", ".join(DATASETS.names()))

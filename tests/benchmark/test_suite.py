@@ -310,3 +310,17 @@ def test_plan_piped_into_head_ends_quietly():
     assert result.returncode == 0
     assert "Traceback" not in result.stderr
     assert "BrokenPipeError" not in result.stderr
+
+
+def test_builtin_fixed_problems_suite_plan():
+    suite = load_suite("fixed_problems")
+    trials = plan_trials(suite)
+    assert suite.models == load_suite("correlation").models
+    assert suite.datasets[0].grid == {"correlation": [0.5, 0.9], "data_seed": [0, 1]}
+    assert len(trials) == len(suite.models) * 2 * 2 * len(suite.seeds)
+
+    # Seeds of one grid point share the problem, so only the seed tells their trials apart.
+    point = [t for t in trials if t.model == "mmoe" and t.grid_point["data_seed"] == 0
+             and t.grid_point["correlation"] == 0.5]
+    assert sorted(t.seed for t in point) == suite.seeds
+    assert len({t.trial_hash for t in point}) == len(suite.seeds)
