@@ -104,6 +104,28 @@ def paired_differences(trials: pl.DataFrame, baseline: str) -> pl.DataFrame:
     return summarize(differences)
 
 
+def _grid_plots(
+    group: pl.DataFrame, out_dir: Path, suite: str, dataset: str, budget: int
+) -> list[Path]:
+    """Plot one dataset and budget against its grid: one figure, or with several grid
+    parameters, one figure per value of the others, against the first that varies."""
+    grid_columns = filled_columns(group, [c for c in group.columns if c.startswith("grid.")])
+    varying = [c for c in grid_columns if group[c].n_unique() > 1]
+    x_column = (varying or grid_columns or [None])[0]
+    others = [c for c in grid_columns if c != x_column]
+    parts = group.group_by(others, maintain_order=True) if others else [((), group)]
+
+    files = []
+    for values, part in parts:
+        point = [f"{c[len('grid.'):]}={v}" for c, v in zip(others, values)]
+        title = " ".join([f"{suite}: {dataset}", *point]) + f", budget {budget:,} parameters"
+        name = "_".join([dataset, *point]) + f"_budget{budget}.png"
+        figure = plot(part.drop(others), out_dir / re.sub(r"[^A-Za-z0-9.=_-]+", "_", name), title)
+        if figure is not None:
+            files.append(figure)
+    return files
+
+
 def _half_width(std: float | None, n: int) -> float:
     if n < 2 or std is None or math.isnan(std):
         return math.nan
@@ -239,10 +261,7 @@ def write_report(
     files[2].write_text(f"# Suite `{suite}`: test metrics, mean ± 95 % CI over seeds\n\n{text}\n")
 
     for (dataset, budget), group in summary.group_by(["dataset", "budget"], maintain_order=True):
-        title = f"{suite}: {dataset}, budget {budget:,} parameters"
-        figure = plot(group, out_dir / f"{dataset}_budget{budget}.png", title)
-        if figure is not None:
-            files.append(figure)
+        files += _grid_plots(group, out_dir, suite, dataset, budget)
     files += plot_against_size(trials, summary, out_dir, suite)
     files += plot_routing(trials, out_dir, suite)
     return Report(summary, files, text)

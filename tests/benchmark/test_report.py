@@ -168,3 +168,18 @@ def test_trial_frame_keeps_late_metrics():
     assert "test/income/auc" in frame.columns
     assert "grid.task_group" in frame.columns
     assert frame["test/income/auc"].to_list()[-1] == 0.9
+
+
+def test_two_grid_parameters_plot_per_value(tmp_path):
+    records = [
+        {"dataset": "toy", "model": model, "budget": 1000, "seed": seed,
+         "grid": {"correlation": correlation, "data_seed": data_seed},
+         "metrics": {"test/task1/mse": 1.0 + seed / 10}}
+        for model in ("x", "y") for seed in range(2) for correlation in (0.5, 0.9)
+        for data_seed in (0, 1)
+    ]
+
+    report = write_report(records, tmp_path, "toy")
+
+    plots = sorted(path.name for path in report.files if path.suffix == ".png")
+    assert plots == ["toy_data_seed=0_budget1000.png", "toy_data_seed=1_budget1000.png"]
