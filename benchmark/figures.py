@@ -93,11 +93,11 @@ def plot_against_size(
         label = _point_label(point[0], grid_columns, point[1:])
         if difference_to is None:
             title = f"{suite}: {label}, metric against model size ({_interval_note(group)})"
-            name = f"{_slug(label)}_size.png"
+            name = f"{slug(label)}_size.png"
         else:
             title = (f"{suite}: {label}, difference to {difference_to} at the same budget, "
                      f"paired by seed ({_interval_note(group)})")
-            name = f"{_slug(label)}_size_vs_{_slug(difference_to)}.png"
+            name = f"{slug(label)}_size_vs_{slug(difference_to)}.png"
         files.append(_save(figure, title, out_dir / name))
     return files
 
@@ -202,7 +202,7 @@ def plot_routing(trials: pl.DataFrame, out_dir: Path, suite: str) -> list[Path]:
         # CGC and PLE order their experts as the shared ones, then each task's own.
         expert_axis = ("expert (shared first, then each task's own)"
                        if model.split("+")[0] in ("cgc", "ple") else "expert")
-        path = out_dir / "routing" / f"{_slug(model)}.png"
+        path = out_dir / "routing" / f"{slug(model)}.png"
         files.append(_heat_maps(panels, title, path, expert_axis))
     return files
 
@@ -307,7 +307,8 @@ def _point_label(dataset: str, grid_columns: list[str], values) -> str:
     return " ".join([dataset, *parts])
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """Return ``text`` with every run of characters unsafe in a file name replaced by ``_``."""
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 

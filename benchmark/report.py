@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import polars as pl
 from scipy import stats
 
-from benchmark.figures import filled_columns, plot, plot_against_size, plot_routing
+from benchmark.figures import filled_columns, plot, plot_against_size, plot_routing, slug
 
 TASK_METRIC = re.compile(r"^test/(?P<task>[^/]+)/(?P<metric>[^/]+)$")
 GROUP_COLUMNS = ("dataset", "budget", "model")
@@ -111,16 +111,19 @@ def _grid_plots(
     parameters, one figure per value of the others, against the first that varies."""
     grid_columns = filled_columns(group, [c for c in group.columns if c.startswith("grid.")])
     varying = [c for c in grid_columns if group[c].n_unique() > 1]
-    x_column = (varying or grid_columns or [None])[0]
-    others = [c for c in grid_columns if c != x_column]
-    parts = group.group_by(others, maintain_order=True) if others else [((), group)]
+    x_columns = varying or grid_columns
+    others = [c for c in grid_columns if c not in x_columns[:1]]
+    if others:
+        parts = group.group_by(others, maintain_order=True)
+    else:
+        parts = [((), group)]
 
     files = []
     for values, part in parts:
-        point = [f"{c[len('grid.'):]}={v}" for c, v in zip(others, values)]
-        title = " ".join([f"{suite}: {dataset}", *point]) + f", budget {budget:,} parameters"
-        name = "_".join([dataset, *point]) + f"_budget{budget}.png"
-        figure = plot(part.drop(others), out_dir / re.sub(r"[^A-Za-z0-9.=_-]+", "_", name), title)
+        point = " ".join([dataset, *[f"{c[len('grid.'):]}={v}" for c, v in zip(others, values)]])
+        title = f"{suite}: {point}, budget {budget:,} parameters"
+        path = out_dir / f"{slug(point)}_budget{budget}.png"
+        figure = plot(part.drop(others), path, title)
         if figure is not None:
             files.append(figure)
     return files

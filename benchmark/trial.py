@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SweepContext:
-    """Settings shared by every trial of a sweep: the store, the experiment and common tags."""
+    """Settings shared by every trial of a sweep: the store, the experiment, common tags and
+    the device to train on."""
 
     tracking_uri: str
     experiment_id: str

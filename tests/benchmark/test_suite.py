@@ -319,7 +319,7 @@ def test_builtin_fixed_problems_suite_plan():
     assert suite.datasets[0].grid == {"correlation": [0.5, 0.9], "data_seed": [0, 1]}
     assert len(trials) == len(suite.models) * 2 * 2 * len(suite.seeds)
 
-    # Seeds of one grid point share the problem, so only the seed tells their trials apart.
+    # Seeds of one grid point share the problem, so only the seed distinguishes their trials.
     point = [t for t in trials if t.model == "mmoe" and t.grid_point["data_seed"] == 0
              and t.grid_point["correlation"] == 0.5]
     assert sorted(t.seed for t in point) == suite.seeds
